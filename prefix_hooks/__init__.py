@@ -1,0 +1,29 @@
+"""prefix_hooks: parameter-efficient fine-tuning attached to a transformers model in place.
+
+>>> from prefix_hooks import attach_prefix, PrefixTuningConfig
+>>> with attach_prefix(model, PrefixTuningConfig(num_virtual_tokens=20)) as handle:
+...     ...  # unchanged pipeline code
+"""
+
+from prefix_hooks.attachment import Attachment, attachments_of
+from prefix_hooks.config import PeftType, PrefixTuningConfig, TaskType
+from prefix_hooks.families import ArchitectureAdapter, UnsupportedModelError, register_family, supported
+from prefix_hooks.prefix import PrefixAttachment, attach_prefix
+from prefix_hooks.prefix_encoder import PrefixEncoder
+
+__all__ = [
+    "ArchitectureAdapter",
+    "Attachment",
+    "PeftType",
+    "PrefixAttachment",
+    "PrefixEncoder",
+    "PrefixTuningConfig",
+    "TaskType",
+    "UnsupportedModelError",
+    "attach_prefix",
+    "attachments_of",
+    "register_family",
+    "supported",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,9 @@
+"""Llama: attention through the transformers registry, grouped-query keys/values."""
+
+from prefix_hooks.families.base import ArchitectureAdapter
+
+ADAPTER = ArchitectureAdapter(
+    name="llama",
+    model_types=("llama",),
+    attention_classes=("LlamaAttention",),
+)

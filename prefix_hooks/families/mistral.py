@@ -1,0 +1,9 @@
+"""Mistral: Llama's attention with sliding-window masks (the prefix is always visible)."""
+
+from prefix_hooks.families.base import ArchitectureAdapter
+
+ADAPTER = ArchitectureAdapter(
+    name="mistral",
+    model_types=("mistral",),
+    attention_classes=("MistralAttention",),
+)
