@@ -61,7 +61,7 @@ def _wrap(backend: Backend, attn_implementation: str | None, function: Callable[
         if backend is Backend.UNSUPPORTED:
             raise ValueError(
                 f"attention implementation {attn_implementation!r} is not supported with a prefix; "
-                "use one of 'eager', 'sdpa', 'flash_attention_2/3/4'"
+                "use one of 'eager', 'sdpa', 'flex_attention', 'flash_attention_2/3/4'"
             )
         if args:
             mask, rest = args[0], args[1:]

@@ -10,6 +10,9 @@ Conventions, per attention backend (measured on transformers 5.23):
   lower-triangular block.
 * flash: the mask is the 2-D padding mask ``(B, S)`` (``1 = real``); the prefix gets
   ``P`` ones. ``None`` needs nothing: flash's causal mask is bottom-right aligned.
+* flex_attention: the mask is a ``BlockMask``; it is rebuilt over ``P + S`` keys with
+  a mask_mod that lets every query see the prefix and defers to the original for the
+  real keys (shifted by ``P``).
 
 Keys and values arrive after RoPE and after the cache update, at ``kv_heads``; the
 prefix is never rotated, never repeated for grouped-query attention, and never
@@ -24,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 
 class Backend(enum.Enum):
@@ -32,6 +36,7 @@ class Backend(enum.Enum):
     EAGER = "eager"
     SDPA = "sdpa"
     FLASH = "flash"
+    FLEX = "flex"
     UNSUPPORTED = "unsupported"
 
 
@@ -43,10 +48,14 @@ def backend_of(attn_implementation: str | None) -> Backend:
         return Backend.SDPA
     if attn_implementation.startswith("flash_attention_") or attn_implementation.endswith("flash-attn"):
         return Backend.FLASH
+    if attn_implementation == "flex_attention":
+        return Backend.FLEX
     return Backend.UNSUPPORTED
 
 
-SUPPORTED_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4")
+SUPPORTED_IMPLEMENTATIONS = (
+    "eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "flash_attention_4",
+)
 
 
 def _attend_fill(mask: torch.Tensor) -> bool | float:
@@ -70,6 +79,25 @@ def extend_mask(mask: torch.Tensor, num_prefix: int) -> torch.Tensor:
     """
     visible = mask.new_full((*mask.shape[:-1], num_prefix), _attend_fill(mask))  # (..., P)
     return torch.cat([visible, mask], dim=-1)  # (..., P + S)
+
+
+def extend_block_mask(block_mask: BlockMask, num_prefix: int) -> BlockMask:
+    """Rebuild a flex ``BlockMask`` over ``num_prefix`` always-visible keys plus the real ones.
+
+    Returns:
+        a ``BlockMask`` of shape ``(B, H, T, P + S)``.
+    """
+    batch, heads, q_len, kv_len = block_mask.shape
+    real_mask_mod = block_mask.mask_mod
+
+    def mask_mod_with_prefix(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        real = real_mask_mod(b, h, q_idx, (kv_idx - num_prefix).clamp(min=0))  # real key kv_idx - P
+        return (kv_idx < num_prefix) | real
+
+    return create_block_mask(
+        mask_mod_with_prefix, batch, heads, q_len, kv_len + num_prefix,
+        device=block_mask.kv_num_blocks.device, BLOCK_SIZE=block_mask.BLOCK_SIZE,
+    )
 
 
 def causal_mask_with_prefix(q_len: int, num_prefix: int, device: torch.device) -> torch.Tensor:
@@ -124,20 +152,23 @@ def splice_prefix(
             key = key[:, :, :q_len]  # (B, kv_heads, T, D)
             value = value[:, :, :q_len]
             attention_mask = causal_mask_with_prefix(q_len, num_prefix, key.device)  # (1, 1, T, P + T)
-    elif isinstance(attention_mask, torch.Tensor):
+    else:
         cached = mask_cache.get(id(attention_mask)) if mask_cache is not None else None
         if cached is not None and cached[0] is attention_mask:
             attention_mask = cached[1]
         else:
-            extended = extend_mask(attention_mask, num_prefix)  # (..., P + S)
+            if isinstance(attention_mask, BlockMask):
+                extended = extend_block_mask(attention_mask, num_prefix)  # (B, H, T, P + S)
+            elif isinstance(attention_mask, torch.Tensor):
+                extended = extend_mask(attention_mask, num_prefix)  # (..., P + S)
+            else:
+                raise TypeError(
+                    f"attention mask of type {type(attention_mask).__name__} is not supported with a prefix; "
+                    f"supported attention implementations: {', '.join(SUPPORTED_IMPLEMENTATIONS)}"
+                )
             if mask_cache is not None:
                 mask_cache[id(attention_mask)] = (attention_mask, extended)
             attention_mask = extended
-    else:
-        raise TypeError(
-            f"attention mask of type {type(attention_mask).__name__} is not supported with a prefix; "
-            f"supported attention implementations: {', '.join(SUPPORTED_IMPLEMENTATIONS)}"
-        )
 
     prefix_key = prefix_key.to(dtype=key.dtype, device=key.device)
     prefix_value = prefix_value.to(dtype=value.dtype, device=value.device)

@@ -49,7 +49,7 @@ def family_backend_pairs() -> list[tuple[str, str]]:
 
 def build_model(family: str, attn_implementation: str = "sdpa", seed: int = 0, **overrides: Any) -> PreTrainedModel:
     """A freshly initialised causal LM of ``family`` in eval mode, float32, deterministic."""
-    if attn_implementation not in implementations(family):
+    if attn_implementation == "sdpa" and family in EAGER_ONLY:
         attn_implementation = "eager"
     config = AutoConfig.for_model(family, **{**FAMILY_CONFIGS[family], **overrides})
     torch.manual_seed(seed)

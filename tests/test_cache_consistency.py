@@ -1,0 +1,379 @@
+"""A prefix must not change how caching, padding or the attention backend behave.
+
+Every property compares two ways of computing the same thing with the prefix
+attached, so the prefix's own values never matter (they are random, normal init):
+
+* chunked prefill + token-by-token decoding into a ``DynamicCache`` == one forward,
+  and the cache holds exactly what the base model's cache holds (never the prefix);
+* greedy ``generate`` with a cache == without one;
+* ``StaticCache`` == ``DynamicCache`` (``generate`` and a plain prefill that takes
+  sdpa's ``mask=None`` top-left causal path);
+* each row of a left-padded batch == that row alone;
+* eager == sdpa.
+
+Models are built inside each example (a tiny model takes a few milliseconds), so every
+example attaches and detaches its own prefix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tiny_models import build_model, family_backend_pairs, implementations, random_batch
+from transformers import DynamicCache, PreTrainedModel, StaticCache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from prefix_hooks import PrefixAttachment, PrefixTuningConfig, attach_prefix
+
+CACHE_ATOL = 1e-5  # same maths, different kernels/shapes: float32 round-off only
+BACKEND_ATOL = 1e-4  # eager vs sdpa: different reduction orders
+PAD_TOKEN_ID = 0  # tiny_models' pad id
+MIN_PREFIX_EFFECT = 1e-3  # the prefix must move logits by more than this, or a test proves nothing
+
+GENERATE_FAMILIES = ("llama", "gpt2", "gemma3_text", "opt", "gpt_neox")
+STATIC_FAMILIES = ("llama", "gemma3_text")
+# A mixed sliding/full Gemma3 and windows shorter than the sequences drawn below.
+SLIDING_VARIANTS: dict[str, dict[str, Any]] = {
+    "mistral-window4": {"family": "mistral", "sliding_window": 4},
+    "gemma3-window4-mixed": {
+        "family": "gemma3_text",
+        "sliding_window": 4,
+        "layer_types": ["sliding_attention", "full_attention"],
+    },
+}
+GEMMA3_MIXED = {"layer_types": ["sliding_attention", "full_attention"]}
+
+
+def _pairs(families: tuple[str, ...]) -> list[tuple[str, str]]:
+    return [(family, impl) for family in families for impl in implementations(family)]
+
+
+def _overrides(family: str) -> dict[str, Any]:
+    # Gemma3's default pattern makes both tiny layers sliding; mix in a full-attention layer.
+    return GEMMA3_MIXED if family == "gemma3_text" else {}
+
+
+# --- strategies -------------------------------------------------------------------
+prefix_lengths = st.integers(min_value=1, max_value=5)
+# None: PEFT's convention (real tokens start at position P); 0: the model's own positions.
+position_offsets = st.sampled_from([None, 0])
+seeds = st.integers(min_value=0, max_value=2**16)
+
+
+@st.composite
+def chunk_plans(draw: st.DrawFn) -> list[int]:
+    """Chunk sizes: a prefill split at random boundaries, then single-token decode steps."""
+    prefill = draw(st.lists(st.integers(min_value=1, max_value=5), min_size=1, max_size=4))
+    decode = draw(st.integers(min_value=0, max_value=4))
+    return prefill + [1] * decode
+
+
+@st.composite
+def left_pads(draw: st.DrawFn, batch: int, length: int, max_pad: int = 4) -> list[int]:
+    """Left-padding per row; every row keeps at least one real token."""
+    return draw(st.lists(st.integers(0, min(max_pad, length - 1)), min_size=batch, max_size=batch))
+
+
+# --- helpers ------------------------------------------------------------------------
+@contextmanager
+def attached_prefix(
+    model: PreTrainedModel, num_virtual_tokens: int, position_offset: int | None, seed: int
+) -> Iterator[PrefixAttachment]:
+    """Attach a prefix whose weights are drawn from N(0, 1), so it moves the logits."""
+    config = PrefixTuningConfig(num_virtual_tokens=num_virtual_tokens, position_offset=position_offset)
+    with attach_prefix(model, config) as handle:
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            torch.nn.init.normal_(handle.encoder.embedding.weight, generator=generator)
+        yield handle
+
+
+def real_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that left padding does not advance: ``(B, T)``, pads clamped to 0."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def assert_prefix_matters(handle: PrefixAttachment, logits: torch.Tensor, forward: Callable[[], torch.Tensor]) -> None:
+    """Fail if ``logits`` (computed with the prefix) equal the base model's ``forward()``."""
+    with handle.disabled():
+        base = forward()
+    difference = (logits - base).abs().max().item()
+    assert difference > MIN_PREFIX_EFFECT, f"the prefix changed logits by only {difference:.2e}; the test is vacuous"
+
+
+def feed_chunks(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    plan: list[int],
+    cache: DynamicCache | StaticCache,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    after_chunk: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Feed ``input_ids`` chunk by chunk into ``cache``; return the logits of all positions."""
+    logits = []
+    start = 0
+    for size in plan:
+        end = start + size
+        kwargs: dict[str, Any] = {}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask[:, :end]  # (B, past + chunk)
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids[:, start:end]  # (B, chunk)
+        out = model(input_ids=input_ids[:, start:end], past_key_values=cache, use_cache=True, **kwargs)
+        logits.append(out.logits)
+        if after_chunk is not None:
+            after_chunk(end)
+        start = end
+    return torch.cat(logits, dim=1)  # (B, T, V)
+
+
+def greedy(model: PreTrainedModel, batch: dict[str, torch.Tensor], max_new_tokens: int, **kwargs: Any) -> Any:
+    return model.generate(
+        **batch,
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=max_new_tokens,  # eos must not end rows early: compare every step
+        pad_token_id=PAD_TOKEN_ID,
+        output_logits=True,
+        return_dict_in_generate=True,
+        **kwargs,
+    )
+
+
+def assert_same_generation(actual: Any, expected: Any) -> None:
+    torch.testing.assert_close(actual.sequences, expected.sequences, rtol=0, atol=0)
+    torch.testing.assert_close(torch.stack(actual.logits), torch.stack(expected.logits), rtol=0, atol=CACHE_ATOL)
+
+
+# --- 1. chunked prefill + decoding == one forward --------------------------------------
+def _check_chunked_equals_full(
+    family: str, impl: str, overrides: dict[str, Any], data: st.DataObject
+) -> None:
+    plan = data.draw(chunk_plans(), label="plan")
+    length = sum(plan)
+    pad = data.draw(st.integers(0, min(3, length - 1)), label="pad of row 1")
+    num_virtual_tokens = data.draw(prefix_lengths, label="P")
+    offset = data.draw(position_offsets, label="position_offset")
+    seed = data.draw(seeds, label="seed")
+
+    model = build_model(family, impl, seed=seed, **overrides)
+    batch = random_batch(2, length, seed=seed, left_pad=[0, pad])
+    input_ids = batch["input_ids"]
+    # Without padding, let the model (and the offset hook) derive positions from the cache.
+    attention_mask = batch["attention_mask"] if pad else None
+    position_ids = real_positions(batch["attention_mask"]) if pad else None
+    real = batch["attention_mask"].bool()  # (B, T), compare where tokens are real
+
+    with attached_prefix(model, num_virtual_tokens, offset, seed) as handle, torch.no_grad():
+
+        def full_forward() -> torch.Tensor:
+            return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+
+        full = full_forward()  # (B, T, V)
+        assert_prefix_matters(handle, full[real], lambda: full_forward()[real])
+
+        # The base model's own cache, fed the same chunks, says what the cache must hold.
+        base_cache = DynamicCache(config=model.config)
+        with handle.disabled():
+            feed_chunks(model, input_ids, plan, base_cache, attention_mask, position_ids)
+
+        cache = DynamicCache(config=model.config)
+
+        def check_cache(fed: int) -> None:
+            assert cache.get_seq_length() == fed, "the cache must count real tokens only, never the prefix"
+            assert len(cache.layers) == model.config.num_hidden_layers
+
+        chunked = feed_chunks(model, input_ids, plan, cache, attention_mask, position_ids, after_chunk=check_cache)
+
+    torch.testing.assert_close(chunked[real], full[real], rtol=0, atol=CACHE_ATOL)
+    assert cache.get_seq_length() == base_cache.get_seq_length() == length
+    for layer, (ours, base) in enumerate(zip(cache.layers, base_cache.layers, strict=True)):
+        assert ours.keys.shape == base.keys.shape, f"layer {layer}: cache keys {tuple(ours.keys.shape)}"
+        assert ours.values.shape == base.values.shape, f"layer {layer}: cache values {tuple(ours.values.shape)}"
+
+
+@pytest.mark.parametrize(("family", "impl"), family_backend_pairs())
+@given(data=st.data())
+def test_chunked_prefill_and_decoding_equal_one_forward(family: str, impl: str, data: st.DataObject) -> None:
+    _check_chunked_equals_full(family, impl, {}, data)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("variant", list(SLIDING_VARIANTS))
+@given(data=st.data())
+def test_chunked_decoding_past_the_sliding_window(variant: str, impl: str, data: st.DataObject) -> None:
+    overrides = dict(SLIDING_VARIANTS[variant])
+    family = overrides.pop("family")
+    _check_chunked_equals_full(family, impl, overrides, data)
+
+
+# --- 2. generate with a cache == without ------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize(("family", "impl"), _pairs(GENERATE_FAMILIES))
+@given(data=st.data())
+@settings(max_examples=6)
+def test_greedy_generate_with_cache_equals_without(family: str, impl: str, data: st.DataObject) -> None:
+    length = data.draw(st.integers(2, 8), label="length")
+    pads = data.draw(left_pads(3, length), label="left pads")
+    new_tokens = data.draw(st.integers(1, 5), label="max_new_tokens")
+    num_virtual_tokens = data.draw(prefix_lengths, label="P")
+    offset = data.draw(position_offsets, label="position_offset")
+    seed = data.draw(seeds, label="seed")
+
+    model = build_model(family, impl, seed=seed, **_overrides(family))
+    batch = random_batch(3, length, seed=seed, left_pad=pads)
+    with attached_prefix(model, num_virtual_tokens, offset, seed), torch.no_grad():
+        cached = greedy(model, batch, new_tokens, use_cache=True)
+        uncached = greedy(model, batch, new_tokens, use_cache=False)
+    assert_same_generation(cached, uncached)
+
+
+# --- 3. StaticCache == DynamicCache -----------------------------------------------------
+@pytest.mark.parametrize(("family", "impl"), _pairs(STATIC_FAMILIES))
+@given(data=st.data())
+@settings(max_examples=6)
+def test_generate_static_cache_equals_dynamic(family: str, impl: str, data: st.DataObject) -> None:
+    length = data.draw(st.integers(2, 8), label="length")
+    pads = data.draw(st.one_of(st.just([0, 0]), left_pads(2, length)), label="left pads")
+    new_tokens = data.draw(st.integers(1, 5), label="max_new_tokens")
+    num_virtual_tokens = data.draw(prefix_lengths, label="P")
+    offset = data.draw(position_offsets, label="position_offset")
+    seed = data.draw(seeds, label="seed")
+
+    model = build_model(family, impl, seed=seed, **_overrides(family))
+    batch = random_batch(2, length, seed=seed, left_pad=pads)
+    with attached_prefix(model, num_virtual_tokens, offset, seed), torch.no_grad():
+        dynamic = greedy(model, batch, new_tokens, use_cache=True)
+        static = greedy(model, batch, new_tokens, use_cache=True, cache_implementation="static")
+    assert_same_generation(static, dynamic)
+
+
+@contextmanager
+def recording_sdpa_masks(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[bool, int, int]]]:
+    """Record ``(mask is None, q_len, kv_len)`` for each sdpa call the model makes."""
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    seen: list[tuple[bool, int, int]] = []
+
+    def spy(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+            attention_mask: torch.Tensor | None, *args: Any, **kwargs: Any) -> Any:
+        seen.append((attention_mask is None, query.shape[2], key.shape[2]))
+        return sdpa(module, query, key, value, attention_mask, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setitem(ALL_ATTENTION_FUNCTIONS._local_mapping, "sdpa", spy)  # removed again on exit
+        yield seen
+
+
+@pytest.mark.parametrize("family", STATIC_FAMILIES)
+def test_static_prefill_reaches_sdpa_without_a_mask(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guard for the next test: the base model really takes sdpa's ``mask=None`` path with keys
+    longer than the query (top-left causal) when prefilling an empty StaticCache."""
+    model = build_model(family, "sdpa", seed=0, **_overrides(family))
+    input_ids = random_batch(2, 6)["input_ids"]
+    cache = StaticCache(config=model.config, max_cache_len=10)
+    with recording_sdpa_masks(monkeypatch) as seen, torch.no_grad():
+        model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+    assert any(no_mask and kv_len > q_len > 1 for no_mask, q_len, kv_len in seen), seen
+
+
+@pytest.mark.parametrize(("family", "impl"), _pairs(STATIC_FAMILIES))
+@given(data=st.data())
+def test_static_cache_prefill_and_decoding_equal_one_forward(family: str, impl: str, data: st.DataObject) -> None:
+    prefill = data.draw(st.integers(1, 8), label="prefill length")
+    decode = data.draw(st.integers(0, 4), label="decode steps")
+    spare = data.draw(st.integers(0, 6), label="unused cache slots")
+    num_virtual_tokens = data.draw(prefix_lengths, label="P")
+    offset = data.draw(position_offsets, label="position_offset")
+    seed = data.draw(seeds, label="seed")
+    length = prefill + decode
+
+    model = build_model(family, impl, seed=seed, **_overrides(family))
+    input_ids = random_batch(2, length, seed=seed)["input_ids"]  # unpadded: sdpa gets mask=None
+    with attached_prefix(model, num_virtual_tokens, offset, seed) as handle, torch.no_grad():
+        full = model(input_ids=input_ids).logits  # (B, T, V)
+        assert_prefix_matters(handle, full, lambda: model(input_ids=input_ids).logits)
+        cache = StaticCache(config=model.config, max_cache_len=length + spare)
+        stepped = feed_chunks(model, input_ids, [prefill] + [1] * decode, cache)
+        assert int(cache.get_seq_length()) == length, "the static cache must hold real tokens only"
+    torch.testing.assert_close(stepped, full, rtol=0, atol=CACHE_ATOL)
+
+
+# --- 4. a padded row == the row alone ---------------------------------------------------
+@pytest.mark.parametrize(("family", "impl"), family_backend_pairs())
+@given(data=st.data())
+def test_padded_rows_equal_rows_alone(family: str, impl: str, data: st.DataObject) -> None:
+    length = data.draw(st.integers(2, 8), label="length")
+    pads = data.draw(left_pads(3, length), label="left pads")
+    num_virtual_tokens = data.draw(prefix_lengths, label="P")
+    offset = data.draw(position_offsets, label="position_offset")
+    seed = data.draw(seeds, label="seed")
+
+    model = build_model(family, impl, seed=seed)
+    batch = random_batch(3, length, seed=seed, left_pad=pads)
+    mask = batch["attention_mask"]
+    with attached_prefix(model, num_virtual_tokens, offset, seed), torch.no_grad():
+        # The model's default positions ignore left padding (base behaviour): pass them.
+        logits = model(**batch, position_ids=real_positions(mask)).logits  # (B, T, V)
+        for row, pad in enumerate(pads):
+            alone = model(input_ids=batch["input_ids"][row : row + 1, pad:]).logits  # (1, T - pad, V)
+            torch.testing.assert_close(logits[row : row + 1, pad:], alone, rtol=0, atol=CACHE_ATOL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("family", "impl"), _pairs(GENERATE_FAMILIES))
+@given(data=st.data())
+@settings(max_examples=6)
+def test_generate_padded_rows_equal_rows_alone(family: str, impl: str, data: st.DataObject) -> None:
+    length = data.draw(st.integers(2, 8), label="length")
+    pads = data.draw(left_pads(2, length), label="left pads")
+    new_tokens = data.draw(st.integers(1, 5), label="max_new_tokens")
+    num_virtual_tokens = data.draw(prefix_lengths, label="P")
+    offset = data.draw(position_offsets, label="position_offset")
+    seed = data.draw(seeds, label="seed")
+
+    model = build_model(family, impl, seed=seed, **_overrides(family))
+    batch = random_batch(2, length, seed=seed, left_pad=pads)
+    with attached_prefix(model, num_virtual_tokens, offset, seed), torch.no_grad():
+        together = greedy(model, batch, new_tokens)
+        for row, pad in enumerate(pads):
+            alone = greedy(model, {name: value[row : row + 1, pad:] for name, value in batch.items()}, new_tokens)
+            torch.testing.assert_close(
+                together.sequences[row, length:], alone.sequences[0, length - pad :], rtol=0, atol=0
+            )
+
+
+# --- 5. eager == sdpa -------------------------------------------------------------------
+@pytest.mark.parametrize("family", [family for family, impl in family_backend_pairs() if impl == "sdpa"])
+@given(data=st.data())
+def test_eager_and_sdpa_agree(family: str, data: st.DataObject) -> None:
+    length = data.draw(st.integers(2, 8), label="length")
+    pads = data.draw(st.one_of(st.just([0, 0]), left_pads(2, length)), label="left pads")
+    num_virtual_tokens = data.draw(prefix_lengths, label="P")
+    offset = data.draw(position_offsets, label="position_offset")
+    seed = data.draw(seeds, label="seed")
+
+    batch = random_batch(2, length, seed=seed, left_pad=pads)
+    if not any(pads):
+        del batch["attention_mask"]  # unpadded: sdpa takes its mask=None path
+    real = torch.ones(2, length, dtype=torch.bool) if not any(pads) else batch["attention_mask"].bool()
+    eager_model = build_model(family, "eager", seed=seed, **_overrides(family))
+    sdpa_model = build_model(family, "sdpa", seed=seed, **_overrides(family))
+    with (
+        attached_prefix(eager_model, num_virtual_tokens, offset, seed) as eager,
+        attached_prefix(sdpa_model, num_virtual_tokens, offset, seed + 1) as sdpa,
+        torch.no_grad(),
+    ):
+        sdpa.encoder.load_state_dict(eager.encoder.state_dict())
+        eager_logits = eager_model(**batch).logits  # (B, T, V)
+        sdpa_logits = sdpa_model(**batch).logits
+        assert_prefix_matters(eager, eager_logits[real], lambda: eager_model(**batch).logits[real])
+    torch.testing.assert_close(sdpa_logits[real], eager_logits[real], rtol=0, atol=BACKEND_ATOL)
+
