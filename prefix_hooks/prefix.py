@@ -13,6 +13,7 @@ On attach, in this order (each step undone on detach, in reverse):
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,15 +40,24 @@ class PrefixForwardState:
 
     layer_of: dict[nn.Module, int]
     kv: torch.Tensor
+    rebuild: Callable[[], torch.Tensor]
     mask_cache: dict[int, tuple[Any, Any]] = field(default_factory=dict)
     spliced: int = 0
+    _no_grad_calls: bool = False
 
     def prefix_for(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
         layer = self.layer_of.get(module)
         if layer is None:
             return None
         self.spliced += 1
-        return self.kv[layer, 0], self.kv[layer, 1]  # (kv_heads, P, D) each
+        kv = self.kv
+        if kv.requires_grad and not torch.is_grad_enabled():
+            self._no_grad_calls = True  # reentrant checkpointing's first pass records no graph here
+        elif self._no_grad_calls and torch.is_grad_enabled() and torch._C._current_graph_task_id() != -1:
+            # Reentrant recomputation runs one backward per layer: give each layer its own
+            # encoder graph, or the second layer would backpropagate through freed buffers.
+            kv = self.rebuild()
+        return kv[layer, 0], kv[layer, 1]  # (kv_heads, P, D) each
 
 
 def _model_dims(family: ArchitectureAdapter, model: nn.Module) -> tuple[ModelDims, dict[nn.Module, int]]:
@@ -164,7 +174,9 @@ class PrefixAttachment(Attachment):
             return None
         self._check_implementation()
         kwargs = dict(kwargs)
-        kwargs[attention_interposer.STATE_KWARG] = PrefixForwardState(self._layer_of, self.layer_prefixes())
+        kwargs[attention_interposer.STATE_KWARG] = PrefixForwardState(
+            self._layer_of, self.layer_prefixes(), self.layer_prefixes
+        )
         if self._offset:
             args, kwargs = self._offset_positions(args, kwargs)
         return args, kwargs

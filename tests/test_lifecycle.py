@@ -32,6 +32,7 @@ from prefix_hooks import (
 )
 from prefix_hooks import attention_interposer
 from prefix_hooks.attachment import UndoStack
+from prefix_hooks.splice import SUPPORTED_IMPLEMENTATIONS
 
 NUM_VIRTUAL_TOKENS = 3
 BSZ = 2
@@ -50,6 +51,7 @@ HOOK_DICTS = (
     "_backward_pre_hooks",
 )
 GLOBAL_HOOK_DICTS = tuple(name for name in vars(nn.modules.module) if name.startswith("_global_"))
+CUSTOM_ATTENTION = "my_attention"
 REGISTRIES = {"ALL_ATTENTION_FUNCTIONS": ALL_ATTENTION_FUNCTIONS, "ALL_MASK_ATTENTION_FUNCTIONS": ALL_MASK_ATTENTION_FUNCTIONS}
 
 
@@ -692,15 +694,20 @@ def test_unsupported_variant_of_a_supported_family_is_refused() -> None:
 def test_unsupported_attn_implementation_is_refused(make_warm_model: Callable[..., PreTrainedModel]) -> None:
     model = make_warm_model("llama")
     handle = attach_prefix(model, prefix_config())  # built while sdpa
-    model.set_attn_implementation("flex_attention")
-    before = snapshot(model)
-    for attach in (lambda: attach_prefix(model, prefix_config()), handle.attach):
-        with pytest.raises(ValueError) as error:
-            attach()
-        assert "attn_implementation='flex_attention'" in str(error.value)
-        assert "eager, sdpa" in str(error.value)
-        assert_untouched(model, before)
-    assert not handle.is_attached
+    assert CUSTOM_ATTENTION not in SUPPORTED_IMPLEMENTATIONS
+    ALL_ATTENTION_FUNCTIONS[CUSTOM_ATTENTION] = ALL_ATTENTION_FUNCTIONS["sdpa"]  # a user's own kernel
+    try:
+        model.set_attn_implementation(CUSTOM_ATTENTION)
+        before = snapshot(model)
+        for attach in (lambda: attach_prefix(model, prefix_config()), handle.attach):
+            with pytest.raises(ValueError) as error:
+                attach()
+            assert f"attn_implementation={CUSTOM_ATTENTION!r}" in str(error.value)
+            assert "eager, sdpa" in str(error.value)
+            assert_untouched(model, before)
+        assert not handle.is_attached
+    finally:
+        del ALL_ATTENTION_FUNCTIONS[CUSTOM_ATTENTION]
 
 
 @pytest.mark.parametrize("adapter_name", ["default", "second"])

@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 from tiny_models import VOCAB, build_model, random_batch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from torch import nn
 from transformers import PreTrainedTokenizerFast, Trainer, TrainingArguments
 
@@ -40,10 +40,12 @@ def attach(model: nn.Module, seed: int = 1) -> PrefixAttachment:
 
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over the tiny models' vocabulary: ``"w3 w17"`` -> ``[3, 17]``."""
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    """Character-level tokenizer over the tiny models' vocabulary: ids 3..95 are ``"!"``..``"}"``."""
+    characters = [chr(ord("!") + i) for i in range(VOCAB - 3)]
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(characters)}}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<pad>"
     )
@@ -114,7 +116,7 @@ def test_text_generation_pipeline_inside_block_matches_generate(
 ) -> None:
     model = tiny_model(family)
     generator = transformers.pipeline("text-generation", model=model, tokenizer=tokenizer)
-    prompt = "w5 w17 w33 w8 w40 w61"
+    prompt = "prefix"
     inputs = tokenizer(prompt, return_tensors="pt")
     base_text = generator(prompt, **GENERATE_KWARGS)[0]["generated_text"]
     with attach(model):
@@ -125,8 +127,9 @@ def test_text_generation_pipeline_inside_block_matches_generate(
         )[0]["generated_text"]
     after_text = generator(prompt, **GENERATE_KWARGS)[0]["generated_text"]
 
+    assert inputs["input_ids"].shape == (1, len(prompt))
     expected = tokenizer.decode(direct[0], skip_special_tokens=True)
-    assert len(expected.split()) == len(prompt.split()) + MAX_NEW_TOKENS
+    assert len(expected) == len(prompt) + MAX_NEW_TOKENS
     assert text == expected
     assert fresh_pipeline_text == expected
     assert text != base_text
@@ -167,7 +170,7 @@ def test_trainer_trains_only_the_prefix(family: str, gradient_checkpointing: boo
         output_dir=str(tmp_path),
         max_steps=20,
         per_device_train_batch_size=4,
-        learning_rate=1e-2,
+        learning_rate=5e-2,
         logging_steps=1,
         report_to=[],
         use_cpu=True,
@@ -184,7 +187,7 @@ def test_trainer_trains_only_the_prefix(family: str, gradient_checkpointing: boo
     assert sorted(map(id, optimized)) == sorted(map(id, handle.parameters()))
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 20
-    assert losses[-1] < 0.8 * losses[0], losses
+    assert losses[-1] < 0.85 * losses[0], losses
     encoder_after = clone_state(handle.encoder)
     assert all(not torch.equal(encoder_after[name], encoder_before[name]) for name in encoder_before)
 
