@@ -15,7 +15,7 @@ import inspect
 import threading
 import weakref
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import wrapt
 from torch import nn
@@ -79,7 +79,11 @@ def register_child(model: nn.Module, name: str, child: nn.Module, undo: UndoStac
     if hasattr(model, name):
         raise ValueError(f"cannot register the adapter as {name!r}: {type(model).__name__} already has that attribute")
     model._modules[name] = child  # appended last, so parameter order before it is unchanged
-    undo.push(lambda: model._modules.pop(name))
+
+    def unregister() -> None:
+        del model._modules[name]
+
+    undo.push(unregister)
 
 
 class Attachment(abc.ABC):
@@ -206,7 +210,7 @@ class Attachment(abc.ABC):
                     async for item in wrapped(*args, **kwargs):
                         yield item
 
-            return async_gen_wrapper(wrapped)  # type: ignore[no-any-return]
+            return cast(F, async_gen_wrapper(wrapped))
         if inspect.iscoroutinefunction(wrapped):
 
             @wrapt.decorator
@@ -214,7 +218,7 @@ class Attachment(abc.ABC):
                 with attachment:
                     return await wrapped(*args, **kwargs)
 
-            return coroutine_wrapper(wrapped)  # type: ignore[no-any-return]
+            return cast(F, coroutine_wrapper(wrapped))
         if inspect.isgeneratorfunction(wrapped):
 
             @wrapt.decorator
@@ -222,14 +226,14 @@ class Attachment(abc.ABC):
                 with attachment:
                     return (yield from wrapped(*args, **kwargs))
 
-            return generator_wrapper(wrapped)  # type: ignore[no-any-return]
+            return cast(F, generator_wrapper(wrapped))
 
         @wrapt.decorator
         def wrapper(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
             with attachment:
                 return wrapped(*args, **kwargs)
 
-        return wrapper(wrapped)  # type: ignore[no-any-return]
+        return cast(F, wrapper(wrapped))
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:

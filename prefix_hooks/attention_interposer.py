@@ -75,7 +75,10 @@ def _wrap(backend: Backend, attn_implementation: str | None, function: Callable[
 
 
 def _get_interface(attn_implementation: str | None, default: Callable[..., Any]) -> Callable[..., Any]:
-    function = type(ALL_ATTENTION_FUNCTIONS).get_interface(ALL_ATTENTION_FUNCTIONS, attn_implementation, default)
+    # transformers accepts None here (it warns and returns the default)
+    function = type(ALL_ATTENTION_FUNCTIONS).get_interface(
+        ALL_ATTENTION_FUNCTIONS, attn_implementation, default  # type: ignore[arg-type]
+    )
     cache_key = (attn_implementation, function)
     wrapper = _wrappers.get(cache_key)
     if wrapper is None:

@@ -72,7 +72,7 @@ def _model_dims(family: ArchitectureAdapter, model: nn.Module) -> tuple[ModelDim
         )
     ((kv_heads, head_dim),) = shapes
     dims = ModelDims(
-        model_type=model.config.model_type,
+        model_type=str(getattr(model.config, "model_type", type(model).__name__)),
         num_layers=len(sites),
         kv_heads=kv_heads,
         head_dim=head_dim,

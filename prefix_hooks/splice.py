@@ -157,6 +157,7 @@ def splice_prefix(
         if cached is not None and cached[0] is attention_mask:
             attention_mask = cached[1]
         else:
+            extended: Any
             if isinstance(attention_mask, BlockMask):
                 extended = extend_block_mask(attention_mask, num_prefix)  # (B, H, T, P + S)
             elif isinstance(attention_mask, torch.Tensor):

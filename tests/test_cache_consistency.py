@@ -59,6 +59,16 @@ def _overrides(family: str) -> dict[str, Any]:
     return GEMMA3_MIXED if family == "gemma3_text" else {}
 
 
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    # Tiny models gain nothing from intra-op threads; with other processes on the cores,
+    # OpenMP workers spin and make each forward 20-50x slower (measured).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # --- strategies -------------------------------------------------------------------
 prefix_lengths = st.integers(min_value=1, max_value=5)
 # None: PEFT's convention (real tokens start at position P); 0: the model's own positions.

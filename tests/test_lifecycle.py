@@ -14,7 +14,7 @@ from typing import Any
 import peft
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from tiny_models import VOCAB, build_model, random_batch
 from torch import nn
@@ -252,13 +252,28 @@ class Interrupted(Exception):
     """Raised inside a block by a test program."""
 
 
-LEAVES = st.sampled_from(["attach", "detach", "forward", "backward"])
+LEAVES = st.sampled_from(["attach", "detach", "forward", "forward", "backward"])
 BLOCKS = st.tuples(st.sampled_from(["with", "disabled"]), st.sampled_from(["normal", "error", "interrupt"]))
 PROGRAMS = st.lists(
     st.recursive(LEAVES, lambda body: st.tuples(BLOCKS, st.lists(body, max_size=3)), max_leaves=10),
     min_size=1,
     max_size=6,
 )
+# programs every run checks, whatever hypothesis draws
+NESTED_REATTACH = [
+    (("with", "normal"), ["forward", (("with", "normal"), ["forward", (("disabled", "normal"), ["forward"])]), "forward"]),
+    "forward",
+]
+MANUAL_ACROSS_INTERRUPT = [
+    "attach",
+    (("with", "interrupt"), ["attach", "forward", (("disabled", "error"), ["forward"]), "backward"]),
+    "forward", "detach", "forward", "detach", "forward",
+]
+ERRORS_EVERYWHERE = [
+    (("with", "error"), ["backward", "forward"]),
+    (("disabled", "interrupt"), [(("with", "normal"), ["forward"]), (("with", "interrupt"), ["forward"])]),
+    "forward",
+]
 EXIT_ERRORS: dict[str, type[BaseException] | None] = {"normal": None, "error": Interrupted, "interrupt": KeyboardInterrupt}
 
 
@@ -340,6 +355,9 @@ class ProgramRun:
     position_offset=st.sampled_from([None, 0]),
     prefix_projection=st.booleans(),
 )
+@example(program=NESTED_REATTACH, attn="sdpa", frozen_mask=0b1010, position_offset=None, prefix_projection=False)
+@example(program=MANUAL_ACROSS_INTERRUPT, attn="eager", frozen_mask=0b0001, position_offset=0, prefix_projection=True)
+@example(program=ERRORS_EVERYWHERE, attn="sdpa", frozen_mask=0b1111_1110, position_offset=None, prefix_projection=True)
 def test_detach_leaves_no_trace(
     make_warm_model: Callable[..., PreTrainedModel],
     family: str,

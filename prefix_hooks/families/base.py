@@ -87,7 +87,7 @@ class ArchitectureAdapter:
     def kv_shape(self, module: nn.Module, config: object) -> tuple[int, int]:
         """``(kv_heads, head_dim)`` that ``module`` produces."""
         head_dim = int(getattr(module, self.head_dim_attr))
-        kv_heads = getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads")
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads  # type: ignore[attr-defined]
         return int(kv_heads), head_dim
 
     def attention_sites(self, model: nn.Module) -> list[AttentionSite]:

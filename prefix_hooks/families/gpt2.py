@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -14,7 +15,7 @@ class GPT2Adapter(ArchitectureAdapter):
     """GPT-2 computes eager attention inline when ``reorder_and_upcast_attn`` is set."""
 
     def unsupported_reason(self, model: nn.Module) -> str | None:
-        config = model.config
+        config: Any = model.config
         if getattr(config, "reorder_and_upcast_attn", False) and config._attn_implementation == "eager":
             return (
                 "gpt2 with reorder_and_upcast_attn=True and eager attention bypasses the attention "
