@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import contextvars
 import inspect
 import threading
 import weakref
@@ -45,6 +46,9 @@ class UndoStack:
         if first_error is not None:
             raise first_error
 
+
+# ids of the attachments disabled in the current thread / async task
+_disabled: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("prefix_hooks_disabled", default=frozenset())
 
 # model -> attachments currently attached to it, oldest first
 _attached: weakref.WeakKeyDictionary[nn.Module, list[Attachment]] = weakref.WeakKeyDictionary()
@@ -111,7 +115,6 @@ class Attachment(abc.ABC):
         self._lock = threading.RLock()
         self._depth = 0
         self._undo: UndoStack | None = None
-        self._enabled = True
 
     # --- what a method provides -------------------------------------------------
     @abc.abstractmethod
@@ -237,14 +240,21 @@ class Attachment(abc.ABC):
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
-        """A context in which the attached model computes its base outputs."""
-        with self._lock:
-            previous, self._enabled = self._enabled, False
+        """A context in which the attached model computes its base outputs.
+
+        The switch is local to the current thread (and async task): forwards running
+        elsewhere on the same model keep the adapter.
+        """
+        token = _disabled.set(_disabled.get() | {id(self)})
         try:
             yield
         finally:
-            with self._lock:
-                self._enabled = previous
+            _disabled.reset(token)
+
+    @property
+    def is_enabled(self) -> bool:
+        """False inside :meth:`disabled` in the current thread."""
+        return id(self) not in _disabled.get()
 
     # --- parameters -------------------------------------------------------------
     def parameters(self) -> Iterator[nn.Parameter]:

@@ -107,7 +107,7 @@ class PrefixTuningConfig:
                 raise ValueError(
                     f"task_type={self.task_type!r} is not accepted; expected one of {accepted} or None"
                 ) from None
-        if PeftType(self.peft_type) is not PeftType.PREFIX_TUNING:
+        if self.peft_type not in (PeftType.PREFIX_TUNING, PeftType.PREFIX_TUNING.value):
             raise ValueError(f"peft_type={self.peft_type!r} is not accepted; expected 'PREFIX_TUNING'")
         self.peft_type = PeftType.PREFIX_TUNING
 

@@ -99,7 +99,12 @@ class PrefixAttachment(Attachment):
     def __init__(self, model: nn.Module, config: PrefixTuningConfig, adapter_name: str = "default") -> None:
         super().__init__(model, adapter_name)
         if not isinstance(config, PrefixTuningConfig):
-            raise TypeError(f"config must be a PrefixTuningConfig, got {type(config).__name__}")
+            kind = f"{type(config).__module__}.{type(config).__qualname__}"
+            raise TypeError(
+                f"config must be a prefix_hooks.PrefixTuningConfig, got {kind}; a PEFT config converts with "
+                "prefix_hooks.PrefixTuningConfig(**{k: v for k, v in peft_config.to_dict().items() "
+                "if k in prefix_hooks.PrefixTuningConfig.__dataclass_fields__})"
+            )
         self.family = adapter_for(model)
         reason = self.family.unsupported_reason(model)
         if reason is not None:
@@ -170,7 +175,7 @@ class PrefixAttachment(Attachment):
         return None
 
     def _pre_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if not self._enabled:
+        if not self.is_enabled:
             return None
         self._check_implementation()
         kwargs = dict(kwargs)

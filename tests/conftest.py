@@ -32,7 +32,8 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Tiny models run fastest single-threaded; OpenMP spin-waiting on 2 busy cores costs ~100x.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

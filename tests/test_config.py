@@ -56,8 +56,9 @@ VALID_CONFIGS = st.builds(
 # --- validation --------------------------------------------------------------------------
 @pytest.mark.parametrize(("name", "value", "accepted"), BAD_FIELDS)
 def test_bad_field_is_refused_by_name(name: str, value: object, accepted: str) -> None:
+    fields: dict[str, Any] = {name: value}
     with pytest.raises(ValueError) as error:
-        PrefixTuningConfig(**{name: value})
+        PrefixTuningConfig(**fields)
     message = str(error.value)
     assert f"{name}={value!r}" in message, message
     assert accepted in message, message
@@ -65,11 +66,12 @@ def test_bad_field_is_refused_by_name(name: str, value: object, accepted: str) -
 
 @given(name=st.sampled_from(POSITIVE_INT_FIELDS), value=NOT_POSITIVE_INTS)
 def test_positive_int_fields_refuse_everything_else(name: str, value: object) -> None:
+    fields: dict[str, Any] = {name: value}
     if value is None:  # None means "read it from the model"
-        assert getattr(PrefixTuningConfig(**{name: value}), name) is None
+        assert getattr(PrefixTuningConfig(**fields), name) is None
         return
     with pytest.raises(ValueError, match=f"^{name}="):
-        PrefixTuningConfig(**{name: value})
+        PrefixTuningConfig(**fields)
 
 
 def test_peft_enums_are_accepted_and_normalised() -> None:
@@ -91,14 +93,16 @@ def test_to_dict_is_plain_json_and_round_trips(config: PrefixTuningConfig) -> No
 
 
 def test_to_dict_uses_peft_field_names_and_values() -> None:
-    shared = dict(
-        num_virtual_tokens=5, token_dim=16, num_layers=2, num_attention_heads=2, num_transformer_submodules=1,
-        encoder_hidden_size=8, prefix_projection=True, inference_mode=True, task_type="CAUSAL_LM",
-    )
+    shared: dict[str, Any] = {
+        "num_virtual_tokens": 5, "token_dim": 16, "num_layers": 2, "num_attention_heads": 2,
+        "num_transformer_submodules": 1, "encoder_hidden_size": 8, "prefix_projection": True,
+        "inference_mode": True, "task_type": "CAUSAL_LM",
+    }
     ours = PrefixTuningConfig(**shared, position_offset=0).to_dict()
     theirs = peft.PrefixTuningConfig(**shared).to_dict()
+    shared_keys = set(ours) - EXTRA_FIELDS
     assert set(ours) - set(theirs) == EXTRA_FIELDS
-    assert {key: ours[key] for key in set(ours) - EXTRA_FIELDS} == {key: theirs[key] for key in set(ours) - EXTRA_FIELDS}
+    assert {key: ours[key] for key in shared_keys} == {key: theirs[key] for key in shared_keys}
 
 
 # --- position offset ---------------------------------------------------------------------------
@@ -115,13 +119,13 @@ def expected_dims(config: PretrainedConfig) -> dict[str, int]:
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return dict(
-        token_dim=kv_heads * head_dim,
-        num_layers=config.num_hidden_layers,
-        num_attention_heads=kv_heads,
-        encoder_hidden_size=kv_heads * head_dim,
-        num_transformer_submodules=1,
-    )
+    return {
+        "token_dim": kv_heads * head_dim,
+        "num_layers": config.num_hidden_layers,
+        "num_attention_heads": kv_heads,
+        "encoder_hidden_size": kv_heads * head_dim,
+        "num_transformer_submodules": 1,
+    }
 
 
 @pytest.mark.parametrize("family", RESOLUTION_FAMILIES)
@@ -151,12 +155,18 @@ def test_resolution_agrees_with_peft(make_model: Callable[..., PreTrainedModel],
 @pytest.mark.parametrize("family", RESOLUTION_FAMILIES)
 def test_explicit_matching_dimensions_are_kept(make_model: Callable[..., PreTrainedModel], family: str) -> None:
     model = make_model(family)
-    dims = {**expected_dims(model.config), "encoder_hidden_size": 7}
+    dims: dict[str, Any] = {**expected_dims(model.config), "encoder_hidden_size": 7}
     resolved = attach_prefix(model, PrefixTuningConfig(num_virtual_tokens=NUM_VIRTUAL_TOKENS, **dims)).config
     assert {key: getattr(resolved, key) for key in dims} == dims
 
 
 # --- PrefixEncoder ----------------------------------------------------------------------------
+def prefix_width(config: PrefixTuningConfig) -> int:
+    """``L * 2 * token_dim``: the encoder's output width for a resolved config."""
+    assert config.num_layers is not None and config.token_dim is not None
+    return config.num_layers * 2 * config.token_dim
+
+
 @pytest.fixture
 def make_encoder() -> Callable[..., PrefixEncoder]:
     """Factory: ``make_encoder(num_virtual_tokens, token_dim, num_layers, hidden, projection, inference)``."""
@@ -209,7 +219,7 @@ def test_inference_mode_builds_a_frozen_plain_embedding(
     model = make_model(family)
     config = PrefixTuningConfig(num_virtual_tokens=NUM_VIRTUAL_TOKENS, prefix_projection=True, inference_mode=True)
     handle = attach_prefix(model, config)
-    width = handle.config.num_layers * 2 * handle.config.token_dim
+    width = prefix_width(handle.config)
     shapes = {name: tuple(p.shape) for name, p in handle.named_parameters()}
     assert shapes == {"embedding.weight": (NUM_VIRTUAL_TOKENS, width)}
     assert not handle.encoder.prefix_projection
@@ -225,7 +235,7 @@ def test_training_mode_with_projection_builds_a_trainable_mlp(make_model: Callab
     config = PrefixTuningConfig(num_virtual_tokens=NUM_VIRTUAL_TOKENS, prefix_projection=True, encoder_hidden_size=6)
     handle = attach_prefix(model, config)
     token_dim = handle.config.token_dim
-    width = handle.config.num_layers * 2 * token_dim
+    width = prefix_width(handle.config)
     shapes = {name: tuple(p.shape) for name, p in handle.named_parameters()}
     assert shapes == {
         "embedding.weight": (NUM_VIRTUAL_TOKENS, token_dim),

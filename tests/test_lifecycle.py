@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,9 +29,9 @@ from prefix_hooks import (
     UnsupportedModelError,
     attach_prefix,
     attachments_of,
+    attention_interposer,
     supported,
 )
-from prefix_hooks import attention_interposer
 from prefix_hooks.attachment import UndoStack
 from prefix_hooks.splice import SUPPORTED_IMPLEMENTATIONS
 
@@ -39,8 +40,12 @@ BSZ = 2
 SEQ_LEN = 5
 LIFECYCLE_FAMILIES = ("llama", "gpt2", "opt", "gpt_neox", "qwen3")
 IMPLEMENTATIONS = ("eager", "sdpa")
-THREAD_ITERATIONS = 30
-THREAD_BATCHES = {1: dict(length=4, seed=11), 3: dict(length=7, seed=12, left_pad=[0, 2, 0])}
+THREAD_ITERATIONS = 100
+THREAD_SWITCH_INTERVAL = 1e-6  # seconds; frequent GIL hand-overs make the forwards interleave
+THREAD_BATCHES: dict[int, dict[str, Any]] = {  # batch size -> random_batch arguments
+    1: {"length": 4, "seed": 11},
+    3: {"length": 7, "seed": 12, "left_pad": [0, 2, 0]},
+}
 HOOK_DICTS = (
     "_forward_pre_hooks",
     "_forward_pre_hooks_with_kwargs",
@@ -52,7 +57,10 @@ HOOK_DICTS = (
 )
 GLOBAL_HOOK_DICTS = tuple(name for name in vars(nn.modules.module) if name.startswith("_global_"))
 CUSTOM_ATTENTION = "my_attention"
-REGISTRIES = {"ALL_ATTENTION_FUNCTIONS": ALL_ATTENTION_FUNCTIONS, "ALL_MASK_ATTENTION_FUNCTIONS": ALL_MASK_ATTENTION_FUNCTIONS}
+REGISTRIES = {
+    "ALL_ATTENTION_FUNCTIONS": ALL_ATTENTION_FUNCTIONS,
+    "ALL_MASK_ATTENTION_FUNCTIONS": ALL_MASK_ATTENTION_FUNCTIONS,
+}
 
 
 # --- snapshot --------------------------------------------------------------------------
@@ -92,7 +100,7 @@ def _registry_record(registry: Any, keep: list[object]) -> dict[str, object]:
     }
 
 
-def snapshot(model: nn.Module) -> Snapshot:
+def snapshot(model: PreTrainedModel) -> Snapshot:
     """Record the model (and the process-wide registries) exactly enough to detect any trace.
 
     Per module (every path, duplicates included): class, ``__dict__`` keys in order, the
@@ -155,7 +163,7 @@ def differences(before: Snapshot, after: Snapshot) -> list[str]:
     return sorted(found)
 
 
-def assert_untouched(model: nn.Module, before: Snapshot) -> None:
+def assert_untouched(model: PreTrainedModel, before: Snapshot) -> None:
     changed = differences(before, snapshot(model))
     assert not changed, f"the model or the registries differ from before at: {changed[:20]}"
 
@@ -261,7 +269,11 @@ PROGRAMS = st.lists(
 )
 # programs every run checks, whatever hypothesis draws
 NESTED_REATTACH = [
-    (("with", "normal"), ["forward", (("with", "normal"), ["forward", (("disabled", "normal"), ["forward"])]), "forward"]),
+    (("with", "normal"), [
+        "forward",
+        (("with", "normal"), ["forward", (("disabled", "normal"), ["forward"])]),
+        "forward",
+    ]),
     "forward",
 ]
 MANUAL_ACROSS_INTERRUPT = [
@@ -274,13 +286,15 @@ ERRORS_EVERYWHERE = [
     (("disabled", "interrupt"), [(("with", "normal"), ["forward"]), (("with", "interrupt"), ["forward"])]),
     "forward",
 ]
-EXIT_ERRORS: dict[str, type[BaseException] | None] = {"normal": None, "error": Interrupted, "interrupt": KeyboardInterrupt}
+EXIT_ERRORS: dict[str, type[BaseException] | None] = {
+    "normal": None, "error": Interrupted, "interrupt": KeyboardInterrupt,
+}
 
 
 class ProgramRun:
     """Runs a program of lifecycle operations, checking the model after each one."""
 
-    def __init__(self, model: nn.Module, handle: Attachment, before: Snapshot) -> None:
+    def __init__(self, model: PreTrainedModel, handle: Attachment, before: Snapshot) -> None:
         self.model, self.handle, self.before = model, handle, before
         self.batch = random_batch(BSZ, SEQ_LEN, seed=1, left_pad=[0, 2])
         self.base = logits(model, self.batch)
@@ -322,15 +336,14 @@ class ProgramRun:
         counter = "scoped" if kind == "with" else "disabled"
         context = self.handle if kind == "with" else self.handle.disabled()
         expectation = pytest.raises(error) if error else contextlib.nullcontext()
-        with expectation:
-            with context:
-                setattr(self, counter, getattr(self, counter) + 1)
-                try:
-                    self.run(body)
-                    if error is not None:
-                        raise error("raised inside the block")
-                finally:
-                    setattr(self, counter, getattr(self, counter) - 1)
+        with expectation, context:
+            setattr(self, counter, getattr(self, counter) + 1)
+            try:
+                self.run(body)
+                if error is not None:
+                    raise error("raised inside the block")
+            finally:
+                setattr(self, counter, getattr(self, counter) - 1)
 
     def check(self) -> None:
         assert self.handle.is_attached == self.attached
@@ -461,7 +474,7 @@ def test_decorated_generator_is_attached_while_iterating(make_warm_model: Callab
         expected = logits(model, batch)
 
     @handle
-    def stream(steps: int) -> Iterator[torch.Tensor]:
+    def stream(steps: int) -> Generator[torch.Tensor, None, str]:
         for _ in range(steps):
             assert attachments_of(model) == [handle]
             yield logits(model, batch)
@@ -571,7 +584,9 @@ def test_parameters_are_usable_before_the_first_attach(make_warm_model: Callable
 # --- 3. disabled() ----------------------------------------------------------------------------
 @pytest.mark.parametrize("family", LIFECYCLE_FAMILIES)
 @pytest.mark.parametrize("attn", IMPLEMENTATIONS)
-def test_disabled_gives_the_base_logits(make_warm_model: Callable[..., PreTrainedModel], family: str, attn: str) -> None:
+def test_disabled_gives_the_base_logits(
+    make_warm_model: Callable[..., PreTrainedModel], family: str, attn: str
+) -> None:
     model = make_warm_model(family, attn)
     batch = random_batch(BSZ, SEQ_LEN, left_pad=[0, 2])
     base = logits(model, batch)
@@ -579,6 +594,39 @@ def test_disabled_gives_the_base_logits(make_warm_model: Callable[..., PreTraine
         with handle.disabled():
             assert torch.equal(logits(model, batch), base)
         assert not torch.equal(logits(model, batch), base)
+
+
+def test_disabled_is_local_to_the_thread(make_warm_model: Callable[..., PreTrainedModel]) -> None:
+    """A ``disabled()`` block in one thread leaves the prefix on for another thread's forward."""
+    model = make_warm_model("llama")
+    batch = random_batch(BSZ, SEQ_LEN)
+    base = logits(model, batch)
+    with attach_prefix(model, prefix_config()) as handle:
+        prefixed = logits(model, batch)
+        inside_disabled = threading.Event()
+        other_done = threading.Event()
+        seen: dict[str, torch.Tensor] = {}
+
+        def disabled_thread() -> None:
+            with handle.disabled():
+                inside_disabled.set()
+                other_done.wait(timeout=30)
+                seen["disabled"] = logits(model, batch)
+
+        def other_thread() -> None:
+            inside_disabled.wait(timeout=30)
+            seen["other"] = logits(model, batch)
+            other_done.set()
+
+        threads = [threading.Thread(target=disabled_thread), threading.Thread(target=other_thread)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert handle.is_enabled
+    assert torch.equal(seen["disabled"], base)
+    assert torch.equal(seen["other"], prefixed)
+    assert not torch.equal(prefixed, base)
 
 
 # --- 4. isolation -------------------------------------------------------------------------------
@@ -639,13 +687,18 @@ def test_threads_share_an_attached_model(make_warm_model: Callable[..., PreTrain
             errors.append(error)
             barrier.abort()
 
+    switch_interval = sys.getswitchinterval()
     with attach_prefix(model, prefix_config()):
         expected = {size: logits(model, batch) for size, batch in batches.items()}
         threads = [threading.Thread(target=worker, args=(size,)) for size in batches]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        sys.setswitchinterval(THREAD_SWITCH_INTERVAL)
+        try:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        finally:
+            sys.setswitchinterval(switch_interval)
     assert not errors, errors
     for size, outputs in results.items():
         assert not torch.equal(expected[size], base[size])
@@ -663,10 +716,10 @@ def tiny_bert() -> BertModel:
 @pytest.mark.parametrize(
     ("overrides", "fragments"),
     [
-        (dict(num_layers=3), ["num_layers=3", "2 attention layers", "set it to 2"]),
-        (dict(token_dim=32), ["token_dim=32", "16", "2 key/value heads"]),  # llama is GQA: kv width 2 x 8
-        (dict(num_attention_heads=4), ["num_attention_heads=4", "set it to 2"]),
-        (dict(num_transformer_submodules=2), ["num_transformer_submodules=2", "takes 1"]),
+        ({"num_layers": 3}, ["num_layers=3", "2 attention layers", "set it to 2"]),
+        ({"token_dim": 32}, ["token_dim=32", "16", "2 key/value heads"]),  # llama is GQA: kv width 2 x 8
+        ({"num_attention_heads": 4}, ["num_attention_heads=4", "set it to 2"]),
+        ({"num_transformer_submodules": 2}, ["num_transformer_submodules=2", "takes 1"]),
     ],
 )
 def test_config_disagreeing_with_the_model_is_refused(
@@ -771,7 +824,7 @@ def test_config_of_the_wrong_type_is_refused(
     before = snapshot(model)
     with pytest.raises(TypeError) as error:
         attach_prefix(model, config)  # type: ignore[arg-type]
-    assert "config must be a PrefixTuningConfig" in str(error.value)
+    assert "config must be a prefix_hooks.PrefixTuningConfig" in str(error.value)
     assert offending in str(error.value), str(error.value)
     assert_untouched(model, before)
 

@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import transformers
 from tiny_models import VOCAB, build_model, random_batch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from torch import nn
-from transformers import PreTrainedTokenizerFast, Trainer, TrainingArguments
+from transformers import PreTrainedModel, PreTrainedTokenizerFast, Trainer, TrainingArguments
 
 from prefix_hooks import PrefixAttachment, PrefixTuningConfig, attach_prefix, attachments_of
 
@@ -21,15 +22,21 @@ MAX_NEW_TOKENS = 8
 CHILD_PREFIX = "prefix_hooks_default."
 # Greedy decoding of a random tiny model likes the pad token; keep generations readable.
 GENERATE_KWARGS: dict[str, Any] = {"max_new_tokens": MAX_NEW_TOKENS, "do_sample": False, "suppress_tokens": [0, 1, 2]}
-NO_DROPOUT = {
+NO_DROPOUT: dict[str, dict[str, Any]] = {
     "llama": {"attention_dropout": 0.0},
     "gpt2": {"attn_pdrop": 0.0, "resid_pdrop": 0.0, "embd_pdrop": 0.0},
 }
 
 
-def tiny_model(family: str, attn_implementation: str = "sdpa") -> nn.Module:
+def tiny_model(family: str, attn_implementation: str = "sdpa") -> PreTrainedModel:
     # a larger init than the default makes a prefix visibly change the tiny model's output
     return build_model(family, attn_implementation, initializer_range=0.2, **NO_DROPOUT[family])
+
+
+def generate(model: PreTrainedModel, inputs: dict[str, torch.Tensor], **kwargs: Any) -> Any:
+    """Greedy ``model.generate`` with :data:`GENERATE_KWARGS` (untyped: transformers' annotations
+    reject the causal-LM classes that ``AutoModelForCausalLM`` builds)."""
+    return cast(Any, model).generate(**inputs, **GENERATE_KWARGS, **kwargs)
 
 
 def attach(model: nn.Module, seed: int = 1) -> PrefixAttachment:
@@ -84,16 +91,16 @@ def assert_restored(model: nn.Module, base_state: dict[str, torch.Tensor], base_
 def test_generate_inside_block_uses_the_prefix_and_is_restored_after(family: str, attn_implementation: str) -> None:
     model = tiny_model(family, attn_implementation)
     batch = random_batch(2, 7, seed=1, left_pad=[0, 3])
-    base = model.generate(**batch, **GENERATE_KWARGS)
+    base = generate(model, batch)
     base_state, base_structure = clone_state(model), structure(model)
     with attach(model):
-        output = model.generate(**batch, **GENERATE_KWARGS, output_logits=True, return_dict_in_generate=True)
+        output = generate(model, batch, output_logits=True, return_dict_in_generate=True)
         sequences = output.sequences
         # reference: one full forward over the generated text, no cache, the positions generate() uses
         mask = torch.cat([batch["attention_mask"], torch.ones(2, MAX_NEW_TOKENS, dtype=torch.long)], dim=1)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T + new); left padding does not count
         full = model(input_ids=sequences, attention_mask=mask, position_ids=positions, use_cache=False).logits
-    after = model.generate(**batch, **GENERATE_KWARGS)
+    after = generate(model, batch)
 
     prompt_len = batch["input_ids"].shape[1]
     assert sequences.shape == (2, prompt_len + MAX_NEW_TOKENS)
@@ -121,7 +128,7 @@ def test_text_generation_pipeline_inside_block_matches_generate(
     base_text = generator(prompt, **GENERATE_KWARGS)[0]["generated_text"]
     with attach(model):
         text = generator(prompt, **GENERATE_KWARGS)[0]["generated_text"]
-        direct = model.generate(**inputs, **GENERATE_KWARGS)
+        direct = generate(model, dict(inputs))
         fresh_pipeline_text = transformers.pipeline("text-generation", model=model, tokenizer=tokenizer)(
             prompt, **GENERATE_KWARGS
         )[0]["generated_text"]
@@ -160,7 +167,7 @@ class RepeatedSequence(torch.utils.data.Dataset):
 @pytest.mark.slow
 @pytest.mark.parametrize("gradient_checkpointing", [False, True], ids=["plain", "checkpointing"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_trainer_trains_only_the_prefix(family: str, gradient_checkpointing: bool, tmp_path: Any) -> None:
+def test_trainer_trains_only_the_prefix(family: str, gradient_checkpointing: bool, tmp_path: Path) -> None:
     model = tiny_model(family)
     config_before = model.config.to_dict()
     base_state, base_structure = clone_state(model), structure(model)
@@ -181,6 +188,7 @@ def test_trainer_trains_only_the_prefix(family: str, gradient_checkpointing: boo
     with handle:
         trainer = Trainer(model=model, args=args, train_dataset=RepeatedSequence())
         trainer.train()
+        assert trainer.optimizer is not None
         optimized = [p for group in trainer.optimizer.param_groups for p in group["params"]]
         checkpointing_during = model.is_activation_checkpointing
 
@@ -196,7 +204,7 @@ def test_trainer_trains_only_the_prefix(family: str, gradient_checkpointing: boo
     if gradient_checkpointing:
         # Trainer's checkpointing hooks the input embedding (enable_input_require_grads); that hook stays
         embedding = model.get_input_embeddings()
-        for name, pre_hooks, hooks in base_structure["hooks"]:
+        for name, _, hooks in base_structure["hooks"]:
             if model.get_submodule(name) is embedding:
                 hooks.extend(hook.id for hook in model._require_grads_hooks)
     assert_restored(model, base_state, base_structure)

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -34,6 +35,16 @@ BACKENDS = ["eager", "sdpa"]
 PROMPT_FAMILIES = ["llama", "gpt2", "gpt_neox", "qwen3", "opt"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_intra_op_thread() -> Iterator[None]:
+    """Tiny matmuls run ~100x slower on 2 threads when other processes share the cores
+    (OpenMP spin-waits); one thread keeps this module fast. Restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _batch(padded: bool, batch: int = BATCH, seed: int = BATCH_SEED) -> dict[str, torch.Tensor]:
     return random_batch(batch, SEQ_LEN, seed=seed, left_pad=LEFT_PAD[:batch] if padded else None)
 
@@ -51,8 +62,8 @@ def _randomise(handle: PrefixAttachment) -> None:
 
 def _attention_module(model: PreTrainedModel, layer: int) -> nn.Module:
     if model.config.model_type == "gpt2":
-        return model.transformer.h[layer].attn
-    return model.model.layers[layer].self_attn
+        return model.get_submodule(f"transformer.h.{layer}.attn")
+    return model.get_submodule(f"model.layers.{layer}.self_attn")
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -108,15 +119,19 @@ def _llama_attention_by_hand(
     config = model.config
     head_dim = config.hidden_size // config.num_attention_heads
     batch, seq_len, _ = hidden.shape
-    query = attention.q_proj(hidden).view(batch, seq_len, -1, head_dim).transpose(1, 2)  # (B, H, T, D)
-    key = attention.k_proj(hidden).view(batch, seq_len, -1, head_dim).transpose(1, 2)  # (B, kv_heads, T, D)
-    value = attention.v_proj(hidden).view(batch, seq_len, -1, head_dim).transpose(1, 2)  # (B, kv_heads, T, D)
+    query = attention.get_submodule("q_proj")(hidden).view(batch, seq_len, -1, head_dim).transpose(1, 2)  # (B, H, T, D)
+    key = (
+        attention.get_submodule("k_proj")(hidden).view(batch, seq_len, -1, head_dim).transpose(1, 2)
+    )  # (B, kv_heads, T, D)
+    value = (
+        attention.get_submodule("v_proj")(hidden).view(batch, seq_len, -1, head_dim).transpose(1, 2)
+    )  # (B, kv_heads, T, D)
     # Real tokens sit after the prefix: positions P..P+T-1 (PEFT's convention, the default offset).
     positions = torch.arange(P, P + seq_len)[None].expand(batch, -1)  # (B, T)
     cos, sin = model.model.rotary_emb(hidden, positions)  # (B, T, D) each
     query, key = _rope(query, cos, sin), _rope(key, cos, sin)
     merged = _attend(query, key, value, prefix[0], prefix[1], attention_mask, head_dim**-0.5)
-    return attention.o_proj(merged)  # (B, T, hidden)
+    return attention.get_submodule("o_proj")(merged)  # (B, T, hidden)
 
 
 def _gpt2_attention_by_hand(
@@ -127,12 +142,14 @@ def _gpt2_attention_by_hand(
     head_dim = config.n_embd // config.n_head
     batch, seq_len, width = hidden.shape
     # Conv1D: x @ W + b with W of shape (in, out).
-    qkv = hidden @ attention.c_attn.weight + attention.c_attn.bias  # (B, T, 3 * hidden)
+    qkv = hidden @ attention.get_parameter("c_attn.weight") + attention.get_parameter(
+        "c_attn.bias"
+    )  # (B, T, 3 * hidden)
     query, key, value = (
         part.view(batch, seq_len, -1, head_dim).transpose(1, 2) for part in qkv.split(width, dim=-1)
     )  # (B, H, T, D) each
     merged = _attend(query, key, value, prefix[0], prefix[1], attention_mask, head_dim**-0.5)
-    return merged @ attention.c_proj.weight + attention.c_proj.bias  # (B, T, hidden)
+    return merged @ attention.get_parameter("c_proj.weight") + attention.get_parameter("c_proj.bias")  # (B, T, hidden)
 
 
 ATTENTION_BY_HAND = {"llama": _llama_attention_by_hand, "gpt2": _gpt2_attention_by_hand}

@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 import torch
-from torch import nn
 from tiny_models import build_model, random_batch
+from torch import nn
+from transformers import PreTrainedModel
 
 from prefix_hooks import PrefixAttachment, PrefixTuningConfig, attach_prefix
 
@@ -18,19 +19,21 @@ BSZ = 2
 SEQ_LEN = 6
 CHILD_PREFIX = "prefix_hooks_default."
 # Dropout off, so train-mode forwards (which checkpointing needs) are deterministic.
-NO_DROPOUT = {
+NO_DROPOUT: dict[str, dict[str, Any]] = {
     "llama": {"attention_dropout": 0.0},
     "gpt2": {"attn_pdrop": 0.0, "resid_pdrop": 0.0, "embd_pdrop": 0.0},
 }
 
 
-def tiny_model(family: str, **overrides: Any) -> nn.Module:
+def tiny_model(family: str, **overrides: Any) -> PreTrainedModel:
     return build_model(family, "sdpa", **NO_DROPOUT[family], **overrides)
 
 
 def attach(model: nn.Module, projection: bool = False, seed: int = 1) -> PrefixAttachment:
     """An adapter whose prefix is far from zero (the default init of nn.Embedding, reseeded)."""
-    handle = attach_prefix(model, PrefixTuningConfig(num_virtual_tokens=NUM_VIRTUAL_TOKENS, prefix_projection=projection))
+    handle = attach_prefix(
+        model, PrefixTuningConfig(num_virtual_tokens=NUM_VIRTUAL_TOKENS, prefix_projection=projection)
+    )
     nn.init.normal_(handle.encoder.embedding.weight, generator=torch.Generator().manual_seed(seed))
     return handle
 
@@ -106,6 +109,8 @@ def encoder_grads(family: str, projection: bool, checkpointing: dict[str, Any] |
     for transformers' default); enabled ``when`` is "before" or "after" attaching.
     """
     model = tiny_model(family).train()
+    # gradient_checkpointing_enable is the documented entry point; 5.23 deprecates it for
+    # activation_checkpointing_enable (its FutureWarning is ignored in pyproject) and forwards to it
     kwargs = {"gradient_checkpointing_kwargs": checkpointing} if checkpointing else {}
     if checkpointing is not None and when == "before":
         model.gradient_checkpointing_enable(**kwargs)
@@ -120,7 +125,7 @@ def encoder_grads(family: str, projection: bool, checkpointing: dict[str, Any] |
     for hook in hooks:
         hook.remove()
     return {
-        "grads": {name: p.grad.clone() for name, p in handle.named_parameters()},
+        "grads": {name: torch.clone(p.grad) for name, p in handle.named_parameters() if p.grad is not None},
         "calls": calls[0],
         "num_layers": num_layers,
         "user_state": user_state,
@@ -166,7 +171,9 @@ def test_training_loop_lowers_loss_and_leaves_base_untouched(family: str, projec
     model = tiny_model(family, initializer_range=0.2)
     base_state = clone_state(model)
     sequence = random_batch(1, 12, seed=3)["input_ids"]  # the task: continue this fixed sequence
-    handle = attach_prefix(model, PrefixTuningConfig(num_virtual_tokens=NUM_VIRTUAL_TOKENS, prefix_projection=projection))
+    handle = attach_prefix(
+        model, PrefixTuningConfig(num_virtual_tokens=NUM_VIRTUAL_TOKENS, prefix_projection=projection)
+    )
     encoder_state = clone_state(handle.encoder)
     optimizer = torch.optim.AdamW(handle.parameters(), lr=0.1)
     losses = []
@@ -188,25 +195,29 @@ def test_training_loop_lowers_loss_and_leaves_base_untouched(family: str, projec
 # --- 4. mixed precision -----------------------------------------------------------------
 
 
+def assert_close_relative_to_prefix_effect(logits: torch.Tensor, reference: torch.Tensor, base: torch.Tensor) -> None:
+    """``logits`` match ``reference`` (float32, with the prefix) far better than ``base`` (no prefix) does."""
+    error = (logits.float() - reference).abs().max()
+    prefix_effect = (reference - base).abs().max()
+    assert error < 0.1 * prefix_effect, f"bf16 error {error:.4f} vs prefix effect {prefix_effect:.4f}"
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bf16_model_with_float32_encoder(family: str) -> None:
     reference_model = tiny_model(family)
-    model = tiny_model(family).to(torch.bfloat16)
+    model = tiny_model(family).bfloat16()
     base_state = clone_state(model)
     batch = lm_batch()
-    base_logits = model(**batch).logits
-    reference = attach(reference_model)
+    base_logits = reference_model(**batch).logits.detach()
+    with attach(reference_model):
+        reference_logits = reference_model(**batch).logits.detach()  # float32, same prefix
     handle = attach(model)
-    with reference:
-        reference_logits = reference_model(**batch).logits
     with handle:
         output = model(**batch)
         output.loss.backward()
 
     assert output.logits.dtype == torch.bfloat16
-    assert not torch.equal(output.logits, base_logits), "the prefix had no effect"
-    # same prefix on the float32 model: agreement up to bf16 rounding
-    torch.testing.assert_close(output.logits.float(), reference_logits, atol=0.05, rtol=0.05)
+    assert_close_relative_to_prefix_effect(output.logits, reference_logits, base_logits)
     for name, parameter in handle.named_parameters():
         assert parameter.dtype == torch.float32, name
         assert parameter.grad is not None and parameter.grad.dtype == torch.float32, name
@@ -219,15 +230,16 @@ def test_bf16_model_with_float32_encoder(family: str) -> None:
 def test_autocast_bf16_forward_and_backward(family: str) -> None:
     model = tiny_model(family)
     batch = lm_batch()
+    base_logits = model(**batch).logits.detach()
     handle = attach(model)
     with handle:
-        full_precision = model(**batch).logits.detach()
+        reference_logits = model(**batch).logits.detach()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             output = model(**batch)
         output.loss.backward()
 
     assert output.logits.dtype == torch.bfloat16
-    torch.testing.assert_close(output.logits.float(), full_precision, atol=0.05, rtol=0.05)
+    assert_close_relative_to_prefix_effect(output.logits, reference_logits, base_logits)
     for name, parameter in handle.named_parameters():
         assert parameter.grad is not None and parameter.grad.dtype == torch.float32, name
         assert torch.isfinite(parameter.grad).all() and parameter.grad.abs().sum() > 0, name
