@@ -67,16 +67,6 @@ def _pairs(variants: tuple[str, ...]) -> list[tuple[str, str]]:
     return [(variant, impl) for variant in variants for impl in implementations(_family_and_overrides(variant)[0])]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Tiny models gain nothing from intra-op threads; with other processes on the cores,
-    # OpenMP workers spin and make each forward 20-50x slower (measured).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --- strategies -------------------------------------------------------------------
 prefix_lengths = st.integers(min_value=1, max_value=5)
 # None: PEFT's convention (real tokens start at position P); 0: the model's own positions.
@@ -183,6 +173,7 @@ def step_logits(generated: Any) -> torch.Tensor:
 
 
 def assert_same_generation(actual: Any, expected: Any) -> None:
+    """Same tokens exactly, and step logits within ``CACHE_ATOL``."""
     torch.testing.assert_close(actual.sequences, expected.sequences, rtol=0, atol=0)
     torch.testing.assert_close(step_logits(actual), step_logits(expected), rtol=0, atol=CACHE_ATOL)
 
