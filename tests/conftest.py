@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, settings
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_models import build_model  # noqa: E402
+from tiny_models import build_model
 
 # "ci" (default): bounded and derandomized, so every run checks the same examples.
 settings.register_profile(

@@ -6,11 +6,13 @@ independently against PEFT and a hand-written attention.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
+from tiny_models import build_model, random_batch
 
 from prefix_hooks import PrefixTuningConfig, attach_prefix
-from tiny_models import build_model, random_batch
 
 P = 5
 pytestmark = pytest.mark.slow  # flex compiles its kernels on first use
@@ -18,8 +20,8 @@ pytestmark = pytest.mark.slow  # flex compiles its kernels on first use
 
 @pytest.mark.parametrize("family", ["llama"])
 def test_flex_matches_sdpa_with_prefix(family: str) -> None:
-    flex = build_model(family, "flex_attention")
-    sdpa = build_model(family, "sdpa")
+    flex: Any = build_model(family, "flex_attention")
+    sdpa: Any = build_model(family, "sdpa")
     assert flex.config._attn_implementation == "flex_attention"
     batch = random_batch(2, 8, left_pad=[3])
     config = PrefixTuningConfig(num_virtual_tokens=P)

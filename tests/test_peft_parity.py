@@ -10,8 +10,6 @@ padding and with and without the projection MLP.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import peft
 import pytest
 import torch
@@ -28,16 +26,6 @@ ATOL = 1e-5
 MODEL_SEED = 0
 BATCH_SEED = 1
 PREFIX_SEED = 2
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread() -> Iterator[None]:
-    """Tiny matmuls run ~100x slower on 2 threads when other processes share the cores
-    (OpenMP spin-waits); one thread keeps this module fast. Restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _batch(padded: bool) -> dict[str, torch.Tensor]:

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -33,16 +32,6 @@ PROMPT_SEED = 3
 
 BACKENDS = ["eager", "sdpa"]
 PROMPT_FAMILIES = ["llama", "gpt2", "gpt_neox", "qwen3", "opt"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread() -> Iterator[None]:
-    """Tiny matmuls run ~100x slower on 2 threads when other processes share the cores
-    (OpenMP spin-waits); one thread keeps this module fast. Restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _batch(padded: bool, batch: int = BATCH, seed: int = BATCH_SEED) -> dict[str, torch.Tensor]:
