@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from prefix_hooks.merged_attention import merged_attention
 from prefix_hooks.splice import Backend, backend_of, splice_prefix
 
 STATE_KWARG = "prefix_hooks_state"
@@ -38,7 +39,7 @@ STATE_KWARG = "prefix_hooks_state"
 class SpliceSource(Protocol):
     """Per-forward state: the prefix for each attention module of one attached model."""
 
-    mask_cache: dict[int, tuple[Any, Any]]
+    mask_cache: dict[Any, tuple[Any, Any]]
 
     def prefix_for(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Keys and values ``(kv_heads, P, D)`` for ``module``, or ``None``."""
@@ -67,6 +68,10 @@ def _wrap(backend: Backend, attn_implementation: str | None, function: Callable[
             mask, rest = args[0], args[1:]
         else:
             mask, rest = kwargs.pop("attention_mask", None), ()
+        if backend is Backend.SDPA:
+            merged = merged_attention(module, query, key, value, mask, prefix, kwargs, state.mask_cache)
+            if merged is not None:
+                return merged
         key, value, mask = splice_prefix(backend, module, query, key, value, mask, prefix, kwargs, state.mask_cache)
         return function(module, query, key, value, mask, *rest, **kwargs)
 

@@ -41,7 +41,7 @@ class PrefixForwardState:
     layer_of: dict[nn.Module, int]
     kv: torch.Tensor
     rebuild: Callable[[], torch.Tensor]
-    mask_cache: dict[int, tuple[Any, Any]] = field(default_factory=dict)
+    mask_cache: dict[Any, tuple[Any, Any]] = field(default_factory=dict)
     spliced: int = 0
     _no_grad_calls: bool = False
 

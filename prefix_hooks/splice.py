@@ -120,7 +120,7 @@ def splice_prefix(
     attention_mask: Any,
     prefix: tuple[torch.Tensor, torch.Tensor],
     kwargs: Mapping[str, Any],
-    mask_cache: dict[int, tuple[Any, Any]] | None = None,
+    mask_cache: dict[Any, tuple[Any, Any]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, Any]:
     """Concatenate the prefix in front of ``key``/``value`` and extend the mask to match.
 
