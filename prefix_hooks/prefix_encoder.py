@@ -42,6 +42,8 @@ class PrefixEncoder(nn.Module):
             )
         else:
             self.embedding = nn.Embedding(config.num_virtual_tokens, self.output_dim)
+        # (parameter identities and versions, folded prefix): reused while no gradient is needed
+        self._folded: tuple[tuple[object, ...], torch.Tensor] | None = None
 
     def forward(self, prefix_tokens: torch.Tensor) -> torch.Tensor:
         """Encode prefix token indices.
@@ -60,11 +62,21 @@ class PrefixEncoder(nn.Module):
     def prefix(self) -> torch.Tensor:
         """All ``P`` positions at once, without an index lookup: ``(P, L * 2 * token_dim)``.
 
-        Equal to ``forward(arange(P)[None])[0]``; in the plain form it is the embedding
-        weight itself, so no copy is made.
+        Equal to ``forward(arange(P)[None])[0]``. In the plain form it is the embedding
+        weight itself (no copy). With the projection, the MLP runs once and its output is
+        reused for as long as no gradient is needed and no parameter has changed (a
+        generate() call runs it once, not once per token).
         """
         weight = self.embedding.weight  # (P, token_dim) or (P, L*2*token_dim)
-        return self.transform(weight) if self.prefix_projection else weight
+        if not self.prefix_projection:
+            return weight
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            return self.transform(weight)  # (P, L*2*token_dim)
+        key = tuple((id(p), p._version, p.dtype, p.device) for p in self.parameters())
+        if self._folded is None or self._folded[0] != key:
+            with torch.no_grad():
+                self._folded = (key, self.transform(weight))
+        return self._folded[1]
 
     @torch.no_grad()
     def folded_weight(self) -> torch.Tensor:

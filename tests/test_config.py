@@ -246,3 +246,25 @@ def test_training_mode_with_projection_builds_a_trainable_mlp(make_model: Callab
     }
     assert all(p.requires_grad for p in handle.parameters())
     assert handle.encoder.prefix().shape == (NUM_VIRTUAL_TOKENS, width)
+
+
+def test_projection_runs_once_without_grad_and_follows_parameter_changes(make_model: Callable[..., Any]) -> None:
+    """Without grad the folded prefix is reused (one MLP run per generate), but an update
+    of any parameter, in place or by optimizer, is seen at once."""
+    model = make_model("llama")
+    handle = attach_prefix(model, PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=True))
+    encoder = handle.encoder
+    calls = {"n": 0}
+    encoder.transform.register_forward_hook(lambda *args: calls.__setitem__("n", calls["n"] + 1))
+    with torch.no_grad():
+        first = encoder.prefix()
+        assert encoder.prefix() is first and calls["n"] == 1
+        last_linear = encoder.transform[2]
+        assert isinstance(last_linear, torch.nn.Linear)
+        last_linear.bias.add_(1.0)  # in-place change bumps the version
+        second = encoder.prefix()
+    assert calls["n"] == 2
+    torch.testing.assert_close(second, first + 1.0)
+    with_grad = encoder.prefix()  # grad enabled and trainable: always fresh, with a graph
+    assert with_grad.requires_grad and calls["n"] == 3
+    torch.testing.assert_close(with_grad.detach(), second)

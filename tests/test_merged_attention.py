@@ -13,13 +13,13 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from tiny_models import build_model, random_batch
 from torch import nn
 
 import prefix_hooks.merged_attention as merged_module
 from prefix_hooks import PrefixTuningConfig, attach_prefix
 from prefix_hooks.merged_attention import merged_attention
 from prefix_hooks.splice import causal_mask_with_prefix, extend_mask
-from tiny_models import build_model, random_batch
 
 HEAD_DIM = 8
 CAUSAL = nn.Module()

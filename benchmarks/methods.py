@@ -1,0 +1,100 @@
+"""The adapter methods compared: ours and PEFT's counterpart with identical adapter weights.
+
+A :class:`Method` says (a) how to build our handle on a model and (b) how to build the
+PEFT model that computes the same function. Adding a method is one :func:`register`
+call, e.g. for LoRA once ``prefix_hooks`` has it::
+
+    register(Method(
+        name="lora r=8",
+        ours=lambda model: attach_lora(model, LoraConfig(r=8)),
+        peft_config=lambda: peft.LoraConfig(task_type="CAUSAL_LM", r=8),
+        match_peft=copy_lora_weights,               # and merge_adapter() for "merged"
+        unwrap_peft=lambda peft_model: peft_model.unload(),
+    ))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import peft
+from torch import nn
+
+from prefix_hooks import Attachment, PrefixAttachment, PrefixTuningConfig, attach_prefix
+
+NUM_VIRTUAL_TOKENS = 20
+
+
+def unwrap_prompt_learning(peft_model: peft.PeftModel) -> nn.Module:
+    """PEFT's way back to the base model for prompt-learning methods (they have no ``unload()``).
+
+    ``get_peft_model`` only wraps the model and clears ``requires_grad`` for these methods;
+    the caller restores the flags.
+    """
+    return peft_model.get_base_model()
+
+
+@dataclass(frozen=True)
+class Method:
+    """One adapter method, ours and PEFT's.
+
+    Attributes:
+        name: the label in the results table.
+        ours: builds our (not yet attached) handle on a model.
+        peft_config: a fresh PEFT config for the same adapter.
+        match_peft: makes a PEFT model compute what our handle computes (copies weights).
+        unwrap_peft: undoes ``get_peft_model`` and returns the base model.
+    """
+
+    name: str
+    ours: Callable[[nn.Module], Attachment]
+    peft_config: Callable[[], peft.PeftConfig]
+    match_peft: Callable[[Attachment, peft.PeftModel], None]
+    unwrap_peft: Callable[[peft.PeftModel], nn.Module] = unwrap_prompt_learning
+
+    def build_peft(self, model: nn.Module, handle: Attachment) -> peft.PeftModel:
+        """Wrap ``model`` (an instance of its own, it is mutated) with PEFT, weights equal to ``handle``'s."""
+        peft_model = peft.get_peft_model(model, self.peft_config())
+        self.match_peft(handle, peft_model)
+        return peft_model
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add ``method`` to :data:`METHODS`.
+
+    Raises:
+        ValueError: a method of that name is already registered.
+    """
+    if method.name in METHODS:
+        raise ValueError(f"method {method.name!r} is already registered; registered: {', '.join(METHODS)}")
+    METHODS[method.name] = method
+    return method
+
+
+def copy_prompt_encoder(handle: Attachment, peft_model: peft.PeftModel) -> None:
+    """Load our encoder's weights into PEFT's ``prompt_encoder`` (same layout, see ``PrefixEncoder``)."""
+    if not isinstance(handle, PrefixAttachment):
+        raise TypeError(f"expected a PrefixAttachment, got {type(handle).__name__}")
+    peft_model.prompt_encoder["default"].load_state_dict(handle.encoder.state_dict())
+
+
+def prefix_tuning(name: str, prefix_projection: bool) -> Method:
+    """Prefix tuning with ``NUM_VIRTUAL_TOKENS`` virtual tokens, ours and PEFT's."""
+    return Method(
+        name=name,
+        ours=lambda model: attach_prefix(
+            model, PrefixTuningConfig(num_virtual_tokens=NUM_VIRTUAL_TOKENS, prefix_projection=prefix_projection)
+        ),
+        peft_config=lambda: peft.PrefixTuningConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=NUM_VIRTUAL_TOKENS, prefix_projection=prefix_projection
+        ),
+        match_peft=copy_prompt_encoder,
+    )
+
+
+register(prefix_tuning(f"prefix P={NUM_VIRTUAL_TOKENS}", prefix_projection=False))
+register(prefix_tuning(f"prefix P={NUM_VIRTUAL_TOKENS} + projection", prefix_projection=True))
