@@ -101,12 +101,12 @@ def merged_attention(
     prefix_out, prefix_lse = kernel(rows, prefix_key, prefix_value, 0.0, False, scale=scale)
     real_share = torch.sigmoid(real_lse.float() - prefix_lse.float()).unsqueeze(-1)  # (B, heads', rows, 1)
     if has_real_key is not None:
-        # the kernel reports lse 0 for a fully masked row
-        real_share = real_share * has_real_key
-    merged = prefix_out.float() + real_share * (real_out.float() - prefix_out.float())
+        real_share = real_share * has_real_key  # the kernel reports lse 0 for a fully masked row
+    # prefix_out + real_share * (real_out - prefix_out), in float32
+    merged = torch.lerp(prefix_out.float(), real_out.float(), real_share).to(query.dtype)
     if q_len == 1:
-        return merged.to(query.dtype).reshape(batch, 1, heads, head_dim), None  # (B, 1, H, D)
-    return merged.to(query.dtype).transpose(1, 2), None  # (B, T, H, D)
+        return merged.reshape(batch, 1, heads, head_dim), None  # (B, 1, H, D)
+    return merged.transpose(1, 2), None  # (B, T, H, D)
 
 
 def _prepared_mask(mask: torch.Tensor | None, dtype: torch.dtype, mask_cache: dict[Any, tuple[Any, Any]] | None) -> Any:
