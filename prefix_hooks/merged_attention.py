@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from prefix_hooks.splice import wants_causal
+
 _DISQUALIFYING_KWARGS = ("softcap", "s_aux", "position_bias")
 
 
@@ -78,12 +80,9 @@ def merged_attention(
     if prepared is False:
         return None
     additive_mask, has_real_key = prepared
-    is_causal = False
-    if attention_mask is None and q_len > 1:
-        requested = kwargs.get("is_causal")
-        is_causal = bool(getattr(module, "is_causal", True) if requested is None else requested)
-        if is_causal:  # sdpa's top-left causal pattern over the first T keys (StaticCache prefill)
-            key, value = key[:, :, :q_len], value[:, :, :q_len]  # (B, kv_heads, T, D)
+    is_causal = attention_mask is None and q_len > 1 and wants_causal(module, kwargs)
+    if is_causal:  # sdpa's top-left causal pattern over the first T keys (StaticCache prefill)
+        key, value = key[:, :, :q_len], value[:, :, :q_len]  # (B, kv_heads, T, D)
     scale = kwargs.get("scaling")
     groups = heads // kv_heads
     prefix_key = prefix[0].to(dtype=query.dtype)[None].expand(batch, -1, -1, -1)  # (B, kv_heads, P, D)

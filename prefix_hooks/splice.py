@@ -58,6 +58,12 @@ SUPPORTED_IMPLEMENTATIONS = (
 )
 
 
+def wants_causal(module: nn.Module, kwargs: Mapping[str, Any]) -> bool:
+    """Whether sdpa reads ``mask=None`` as causal for this call (the ``is_causal`` kwarg, else the module's)."""
+    requested = kwargs.get("is_causal")
+    return bool(getattr(module, "is_causal", True) if requested is None else requested)
+
+
 def _attend_fill(mask: torch.Tensor) -> bool | float:
     """The value that means "attend" in ``mask``'s convention."""
     if mask.dtype == torch.bool:
@@ -144,10 +150,7 @@ def splice_prefix(
     num_prefix = prefix_key.shape[1]
 
     if attention_mask is None:
-        is_causal = kwargs.get("is_causal")
-        if is_causal is None:
-            is_causal = getattr(module, "is_causal", True)
-        if backend is Backend.SDPA and q_len > 1 and is_causal:
+        if backend is Backend.SDPA and q_len > 1 and wants_causal(module, kwargs):
             # sdpa's `mask=None` means top-left causal over the first T keys (StaticCache prefill).
             key = key[:, :, :q_len]  # (B, kv_heads, T, D)
             value = value[:, :, :q_len]
