@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PretrainedConfig, PreTrainedModel
@@ -22,56 +23,26 @@ class ModelSpec:
     config: Callable[[], PretrainedConfig]
 
 
+_SPECIAL_IDS: dict[str, Any] = {"pad_token_id": PAD_TOKEN_ID, "bos_token_id": BOS_TOKEN_ID, "eos_token_id": EOS_TOKEN_ID}
+# sizes by `quick`: tiny with the same structure, or the benchmark size of the issue
+_LLAMA_SIZES: dict[bool, dict[str, Any]] = {
+    True: {"hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 256},
+    False: {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 8, "num_attention_heads": 8,
+            "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": 2048},
+}
+_GPT2_SIZES: dict[bool, dict[str, Any]] = {
+    True: {"n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 512, "n_positions": 256},
+    False: {"n_embd": 512, "n_layer": 8, "n_head": 8, "vocab_size": 32000, "n_positions": 2048},
+}
+
+
 def _llama(quick: bool) -> PretrainedConfig:
-    if quick:
-        return LlamaConfig(
-            hidden_size=64,
-            intermediate_size=172,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=512,
-            max_position_embeddings=256,
-            pad_token_id=PAD_TOKEN_ID,
-            bos_token_id=BOS_TOKEN_ID,
-            eos_token_id=EOS_TOKEN_ID,
-        )
-    return LlamaConfig(
-        hidden_size=512,
-        intermediate_size=1376,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        vocab_size=32000,
-        max_position_embeddings=2048,
-        pad_token_id=PAD_TOKEN_ID,
-        bos_token_id=BOS_TOKEN_ID,
-        eos_token_id=EOS_TOKEN_ID,
-    )
+    return LlamaConfig(**_LLAMA_SIZES[quick], **_SPECIAL_IDS)
 
 
 def _gpt2(quick: bool) -> PretrainedConfig:
-    if quick:
-        return GPT2Config(
-            n_embd=64,
-            n_layer=2,
-            n_head=4,
-            vocab_size=512,
-            n_positions=256,
-            pad_token_id=PAD_TOKEN_ID,
-            bos_token_id=BOS_TOKEN_ID,
-            eos_token_id=EOS_TOKEN_ID,
-        )
-    return GPT2Config(
-        n_embd=512,
-        n_layer=8,
-        n_head=8,
-        vocab_size=32000,
-        n_positions=2048,
-        pad_token_id=PAD_TOKEN_ID,
-        bos_token_id=BOS_TOKEN_ID,
-        eos_token_id=EOS_TOKEN_ID,
-    )
+    return GPT2Config(**_GPT2_SIZES[quick], **_SPECIAL_IDS)
 
 
 def model_specs(quick: bool) -> list[ModelSpec]:

@@ -30,8 +30,8 @@ from prefix_hooks.splice import wants_causal
 _DISQUALIFYING_KWARGS = ("softcap", "s_aux", "position_bias")
 
 
-def _fused_attention_with_lse() -> Any:
-    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+# CPU fused attention that also returns the log-sum-exp; absent in other torch builds
+_FUSED_ATTENTION_WITH_LSE: Any = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def merged_attention(
@@ -61,7 +61,7 @@ def merged_attention(
         ``(output (B, T, H, D), None)`` as sdpa's integration returns it, or ``None`` when
         this path does not apply and the caller must concatenate instead.
     """
-    kernel = _fused_attention_with_lse()
+    kernel = _FUSED_ATTENTION_WITH_LSE
     if (
         kernel is None
         or query.device.type != "cpu"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, cast
 
 import pytest
@@ -72,6 +73,33 @@ prefix_lengths = st.integers(min_value=1, max_value=5)
 # None: PEFT's convention (real tokens start at position P); 0: the model's own positions.
 position_offsets = st.sampled_from([None, 0])
 seeds = st.integers(min_value=0, max_value=2**16)
+
+
+@dataclass(frozen=True)
+class DrawnCase:
+    """One example's shared draws: sequence length, left pads per row, new tokens, P, offset, seed."""
+
+    length: int
+    pads: list[int]
+    new_tokens: int
+    num_virtual_tokens: int
+    offset: int | None
+    seed: int
+
+
+def draw_case(data: st.DataObject, rows: int, *, allow_unpadded: bool = False) -> DrawnCase:
+    length = data.draw(st.integers(2, 8), label="length")
+    pad_strategy = left_pads(rows, length)
+    if allow_unpadded:
+        pad_strategy = st.one_of(st.just([0] * rows), pad_strategy)
+    return DrawnCase(
+        length=length,
+        pads=data.draw(pad_strategy, label="left pads"),
+        new_tokens=data.draw(st.integers(1, 5), label="max_new_tokens"),
+        num_virtual_tokens=data.draw(prefix_lengths, label="P"),
+        offset=data.draw(position_offsets, label="position_offset"),
+        seed=data.draw(seeds, label="seed"),
+    )
 
 
 @st.composite
@@ -232,12 +260,10 @@ def test_chunked_prefill_and_decoding_equal_one_forward(variant: str, impl: str,
 @pytest.mark.parametrize(("variant", "impl"), _pairs(GENERATE_VARIANTS))
 @given(data=st.data())
 def test_greedy_generate_with_cache_equals_without(variant: str, impl: str, data: st.DataObject) -> None:
-    length = data.draw(st.integers(2, 8), label="length")
-    pads = data.draw(left_pads(3, length), label="left pads")
-    new_tokens = data.draw(st.integers(1, 5), label="max_new_tokens")
-    num_virtual_tokens = data.draw(prefix_lengths, label="P")
-    offset = data.draw(position_offsets, label="position_offset")
-    seed = data.draw(seeds, label="seed")
+    case = draw_case(data, rows=3)
+    length, pads, seed = case.length, case.pads, case.seed
+    new_tokens = case.new_tokens
+    num_virtual_tokens, offset = case.num_virtual_tokens, case.offset
 
     model = build_variant(variant, impl, seed)
     batch = random_batch(3, length, seed=seed, left_pad=pads)
@@ -252,12 +278,10 @@ def test_greedy_generate_with_cache_equals_without(variant: str, impl: str, data
 @pytest.mark.parametrize(("variant", "impl"), _pairs(STATIC_VARIANTS))
 @given(data=st.data())
 def test_generate_static_cache_equals_dynamic(variant: str, impl: str, data: st.DataObject) -> None:
-    length = data.draw(st.integers(2, 8), label="length")
-    pads = data.draw(st.one_of(st.just([0, 0]), left_pads(2, length)), label="left pads")
-    new_tokens = data.draw(st.integers(1, 5), label="max_new_tokens")
-    num_virtual_tokens = data.draw(prefix_lengths, label="P")
-    offset = data.draw(position_offsets, label="position_offset")
-    seed = data.draw(seeds, label="seed")
+    case = draw_case(data, rows=2, allow_unpadded=True)
+    length, pads, seed = case.length, case.pads, case.seed
+    new_tokens = case.new_tokens
+    num_virtual_tokens, offset = case.num_virtual_tokens, case.offset
 
     model = build_variant(variant, impl, seed)
     batch = random_batch(2, length, seed=seed, left_pad=pads)
@@ -329,11 +353,9 @@ def test_static_cache_prefill_and_decoding_equal_one_forward(variant: str, impl:
 @pytest.mark.parametrize(("variant", "impl"), family_backend_pairs())
 @given(data=st.data())
 def test_padded_rows_equal_rows_alone(variant: str, impl: str, data: st.DataObject) -> None:
-    length = data.draw(st.integers(2, 8), label="length")
-    pads = data.draw(left_pads(3, length), label="left pads")
-    num_virtual_tokens = data.draw(prefix_lengths, label="P")
-    offset = data.draw(position_offsets, label="position_offset")
-    seed = data.draw(seeds, label="seed")
+    case = draw_case(data, rows=3)
+    length, pads, seed = case.length, case.pads, case.seed
+    num_virtual_tokens, offset = case.num_virtual_tokens, case.offset
 
     model = build_variant(variant, impl, seed)
     batch = random_batch(3, length, seed=seed, left_pad=pads)
@@ -352,12 +374,10 @@ def test_padded_rows_equal_rows_alone(variant: str, impl: str, data: st.DataObje
 @pytest.mark.parametrize(("variant", "impl"), _pairs(GENERATE_VARIANTS))
 @given(data=st.data())
 def test_generate_padded_rows_equal_rows_alone(variant: str, impl: str, data: st.DataObject) -> None:
-    length = data.draw(st.integers(2, 8), label="length")
-    pads = data.draw(left_pads(2, length), label="left pads")
-    new_tokens = data.draw(st.integers(1, 5), label="max_new_tokens")
-    num_virtual_tokens = data.draw(prefix_lengths, label="P")
-    offset = data.draw(position_offsets, label="position_offset")
-    seed = data.draw(seeds, label="seed")
+    case = draw_case(data, rows=2)
+    length, pads, seed = case.length, case.pads, case.seed
+    new_tokens = case.new_tokens
+    num_virtual_tokens, offset = case.num_virtual_tokens, case.offset
 
     model = build_variant(variant, impl, seed)
     batch = random_batch(2, length, seed=seed, left_pad=pads)
@@ -374,11 +394,9 @@ def test_generate_padded_rows_equal_rows_alone(variant: str, impl: str, data: st
 @pytest.mark.parametrize("variant", [family for family, impl in family_backend_pairs() if impl == "sdpa"])
 @given(data=st.data())
 def test_eager_and_sdpa_agree(variant: str, data: st.DataObject) -> None:
-    length = data.draw(st.integers(2, 8), label="length")
-    pads = data.draw(st.one_of(st.just([0, 0]), left_pads(2, length)), label="left pads")
-    num_virtual_tokens = data.draw(prefix_lengths, label="P")
-    offset = data.draw(position_offsets, label="position_offset")
-    seed = data.draw(seeds, label="seed")
+    case = draw_case(data, rows=2, allow_unpadded=True)
+    length, pads, seed = case.length, case.pads, case.seed
+    num_virtual_tokens, offset = case.num_virtual_tokens, case.offset
 
     batch = random_batch(2, length, seed=seed, left_pad=pads)
     if not any(pads):
