@@ -15,7 +15,7 @@ import transformers
 
 import prefix_hooks
 from benchmarks.measure import MEMORY_METHOD
-from benchmarks.scenarios import Parity, Row, Workload
+from benchmarks.scenarios import Parity, Ratio, Row, Workload
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 COLUMNS = (
@@ -29,7 +29,6 @@ COLUMNS = (
     "ours/base",
     "PEFT/base",
     "ours/PEFT",
-    "spread",
 )
 
 
@@ -107,10 +106,13 @@ def format_number(value: float | None) -> str:
     return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
-def _ratio(numerator: float | None, denominator: float | None) -> str:
-    if numerator is None or denominator is None:
+def format_ratio(ratio: Ratio | None) -> str:
+    """``median (low–high)``: the paired ratio and its interquartile range; ``—`` for none."""
+    if ratio is None:
         return "—"
-    return format_number(numerator / denominator)
+    if ratio.low == ratio.high:
+        return format_number(ratio.median)
+    return f"{format_number(ratio.median)} ({format_number(ratio.low)}–{format_number(ratio.high)})"
 
 
 def markdown_table(rows: list[Row]) -> str:
@@ -125,10 +127,9 @@ def markdown_table(rows: list[Row]) -> str:
             format_number(row.base),
             format_number(row.ours),
             format_number(row.peft),
-            _ratio(row.ours, row.base),
-            _ratio(row.peft, row.base),
-            _ratio(row.ours, row.peft),
-            "—" if row.spread is None else f"{format_number(100 * row.spread)}%",
+            format_ratio(row.ours_base),
+            format_ratio(row.peft_base),
+            format_ratio(row.ours_peft),
         )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -189,10 +190,12 @@ def methodology(workload: Workload, method_names: list[str]) -> str:
                 "PEFT's way back, `get_base_model()` (prompt-learning methods have no `unload()`), and restoring the "
                 "`requires_grad` flags PEFT cleared."
             ),
-            "- Ratios are of the medians shown: for ms and MiB lower is better, for tokens/s higher is better.",
             (
-                "- spread: the largest interquartile range / median among the row's contenders; a ratio closer "
-                "to 1 than that is within the noise (the memory is measured once and has none)."
+                "- Ratios are paired: each round gives one ratio of two contenders measured minutes apart at most "
+                "(seconds, mostly), and the table shows the median of those per-round ratios with their interquartile "
+                "range in brackets. Pairing cancels the slow drift of machine load that a ratio of two medians keeps; "
+                "the bracket is how far the median can be trusted. For ms and MiB lower is better, for tokens/s higher "
+                "is better. The memory is measured once, so it has no bracket."
             ),
         ]
     )

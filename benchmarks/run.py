@@ -5,6 +5,7 @@ Usage, from the repository root::
     python -m benchmarks.run                          # full run, about 5 minutes on 2 idle cores
     python -m benchmarks.run --quick                  # smoke run: tiny models, under a minute
     python -m benchmarks.run --output BENCHMARKS.md   # also write the results file
+    python -m benchmarks.run --scenarios generate --repeats 15   # only some scenarios, more rounds
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from benchmarks.scenarios import (
 )
 
 FULL = Workload(batch=4, seq_len=128, prompt_lens=(32, 1024), new_tokens=64, repeats=5, warmup=1, attach_repeats=50)
+SCENARIOS = ("attach", "forward", "train", "generate")
 QUICK = Workload(batch=2, seq_len=16, prompt_lens=(8, 32), new_tokens=4, repeats=2, warmup=1, attach_repeats=5)
 
 
@@ -72,6 +74,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         choices=[spec.name for spec in model_specs(quick=False)],
         help="only these models (default: all)",
     )
+    parser.add_argument(
+        "--scenarios",
+        nargs="+",
+        choices=SCENARIOS,
+        help="only these scenarios (default: all; 'train' includes its peak memory)",
+    )
     args = parser.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         parser.error(f"--repeats={args.repeats}; expected at least 1")
@@ -85,9 +93,9 @@ def _log(message: str) -> None:
 
 
 def benchmark_model(
-    spec: ModelSpec, methods: dict[str, Method], workload: Workload
+    spec: ModelSpec, methods: dict[str, Method], workload: Workload, scenarios: Sequence[str] = SCENARIOS
 ) -> tuple[list[Row], dict[str, Parity]]:
-    """Every scenario on one model.
+    """The ``scenarios`` (names from :data:`SCENARIOS`) on one model.
 
     Returns:
         the rows, and the parity check (ours vs PEFT and vs the base) per method.
@@ -100,18 +108,24 @@ def benchmark_model(
     base = build_model(spec)
     handles = {name: method.ours(base) for name, method in methods.items()}
     peft_bases = {name: build_model(spec) for name in methods}  # get_peft_model mutates: one copy each
-    attach_rows = attach_detach(spec.name, base, handles, peft_bases, methods, workload)
-    done("attach + detach")
+    attach_rows: list[Row] = []
+    if "attach" in scenarios:
+        attach_rows = attach_detach(spec.name, base, handles, peft_bases, methods, workload)
+        done("attach + detach")
     peft_models = {name: method.build_peft(peft_bases[name], handles[name]) for name, method in methods.items()}
     contenders = Contenders(spec.name, base, handles, peft_models)
     checks = parity(contenders, workload)
-    rows = forward_latency(contenders, workload)
-    done("forward")
-    rows += training_step(contenders, workload)
-    done("training step")
-    for prompt_len in workload.prompt_lens:
-        rows += generation(contenders, workload, prompt_len)
-        done(f"generation after {prompt_len}")
+    rows: list[Row] = []
+    if "forward" in scenarios:
+        rows += forward_latency(contenders, workload)
+        done("forward")
+    if "train" in scenarios:
+        rows += training_step(contenders, workload)
+        done("training step")
+    if "generate" in scenarios:
+        for prompt_len in workload.prompt_lens:
+            rows += generation(contenders, workload, prompt_len)
+            done(f"generation after {prompt_len}")
     return rows + attach_rows, checks
 
 
@@ -163,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
         rows: list[Row] = []
         checks: dict[tuple[str, str], Parity] = {}
         for spec in specs:
-            model_rows, model_checks = benchmark_model(spec, METHODS, workload)
+            model_rows, model_checks = benchmark_model(spec, METHODS, workload, args.scenarios or SCENARIOS)
             rows += model_rows
             checks.update({(spec.name, method): check for method, check in model_checks.items()})
         seconds = time.perf_counter() - start

@@ -45,13 +45,33 @@ CausalLM = PreTrainedModel | peft.PeftModel
 """What the operations run: a base model or a PEFT model (both forward and ``generate()`` alike)."""
 
 
+class Ratio(NamedTuple):
+    """Paired ratio of two contenders: the median and quartiles of their per-round ratios.
+
+    Both ran in every round (see :func:`~benchmarks.measure.interleave`), so the ratio of a
+    round cancels slow drift in machine load that the ratio of two medians keeps.
+    With one round, all three are that round's ratio.
+    """
+
+    median: float
+    low: float
+    """First quartile."""
+    high: float
+    """Third quartile."""
+
+    @classmethod
+    def paired(cls, numerators: list[float], denominators: list[float]) -> Ratio:
+        ratios = [top / bottom for top, bottom in zip(numerators, denominators, strict=True)]
+        if len(ratios) < 2:
+            return cls(ratios[0], ratios[0], ratios[0])
+        low, median, high = statistics.quantiles(ratios, n=4, method="inclusive")
+        return cls(median, low, high)
+
+
 @dataclass(frozen=True)
 class Row:
-    """One table row: medians for the base model (``None`` where it has no counterpart), ours, PEFT.
-
-    ``spread`` is the largest interquartile range / median of the row's contenders
-    (``None`` with fewer than two samples): how far the medians can be trusted.
-    """
+    """One table row: medians for the base model (``None`` where it has no counterpart), ours, PEFT,
+    and the paired ratios ours/base, PEFT/base and ours/PEFT (see :class:`Ratio`)."""
 
     model: str
     scenario: str
@@ -60,7 +80,9 @@ class Row:
     base: float | None
     ours: float
     peft: float
-    spread: float | None
+    ours_base: Ratio | None
+    peft_base: Ratio | None
+    ours_peft: Ratio
 
 
 class Contender(NamedTuple):
@@ -118,41 +140,33 @@ def rows_from(
     convert: Callable[[float], float],
     ours_kind: str = "ours",
 ) -> list[Row]:
-    """One row per method in ``recorded``: medians of the ``convert``-ed values (e.g. seconds to ms).
+    """One row per method in ``recorded``: medians and paired ratios of the ``convert``-ed values
+    (e.g. seconds to ms, or to tokens/s: the ratio of the converted values, so higher tokens/s is a higher ratio).
 
     The base column is empty when ``recorded`` has no base model; ``ours_kind`` picks
     which of our contenders fills the prefix_hooks column.
     """
     values = {contender: [convert(value) for value in samples] for contender, samples in recorded.items()}
-    base = Contender("base")
+    base = values.get(Contender("base"))
     methods = [contender.method for contender in recorded if contender.kind == "peft"]
     rows = []
     for name in methods:
-        contenders = [Contender(ours_kind, name), Contender("peft", name)] + ([base] if base in values else [])
+        ours, theirs = values[Contender(ours_kind, name)], values[Contender("peft", name)]
         rows.append(
             Row(
                 model_name,
                 scenario,
                 name,
                 unit,
-                base=statistics.median(values[base]) if base in values else None,
-                ours=statistics.median(values[Contender(ours_kind, name)]),
-                peft=statistics.median(values[Contender("peft", name)]),
-                spread=max_relative_spread([values[contender] for contender in contenders]),
+                base=None if base is None else statistics.median(base),
+                ours=statistics.median(ours),
+                peft=statistics.median(theirs),
+                ours_base=None if base is None else Ratio.paired(ours, base),
+                peft_base=None if base is None else Ratio.paired(theirs, base),
+                ours_peft=Ratio.paired(ours, theirs),
             )
         )
     return rows
-
-
-def max_relative_spread(series: list[list[float]]) -> float | None:
-    """The largest interquartile range / median among ``series``; ``None`` if any has one value."""
-    if any(len(values) < 2 for values in series):
-        return None
-    spreads = []
-    for values in series:
-        lower, _, upper = statistics.quantiles(values, n=4)
-        spreads.append((upper - lower) / statistics.median(values))
-    return max(spreads)
 
 
 def milliseconds(seconds: float) -> float:

@@ -34,6 +34,28 @@ _DISQUALIFYING_KWARGS = ("softcap", "s_aux", "position_bias")
 _FUSED_ATTENTION_WITH_LSE: Any = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
+def _kernel_shares_kv_heads() -> bool:
+    """Whether the kernel takes fewer kv heads than query heads (grouped-query attention)
+    and maps them as sdpa's ``enable_gqa`` does; probed once on a tiny input."""
+    if _FUSED_ATTENTION_WITH_LSE is None:
+        return False
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(1, 4, 2, 8, generator=generator)  # (B, H=4, T, D)
+    key, value = torch.randn(2, 1, 2, 3, 8, generator=generator)  # (B, kv_heads=2, S, D) each
+    try:
+        with torch.no_grad():
+            out, _ = _FUSED_ATTENTION_WITH_LSE(query, key, value, 0.0, False)
+    except RuntimeError:
+        return False
+    want = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(2, dim=1), value.repeat_interleave(2, dim=1)
+    )
+    return bool(torch.allclose(out, want, atol=1e-6))
+
+
+_KERNEL_SHARES_KV_HEADS = _kernel_shares_kv_heads()
+
+
 def merged_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -72,7 +94,7 @@ def merged_attention(
         or key.dtype != query.dtype
     ):
         return None
-    batch, heads, q_len, head_dim = query.shape
+    batch, heads, q_len, _ = query.shape
     kv_heads = key.shape[1]
     if heads % kv_heads:
         return None
@@ -84,27 +106,23 @@ def merged_attention(
     if is_causal:  # sdpa's top-left causal pattern over the first T keys (StaticCache prefill)
         key, value = key[:, :, :q_len], value[:, :, :q_len]  # (B, kv_heads, T, D)
     scale = kwargs.get("scaling")
-    groups = heads // kv_heads
-    prefix_key = prefix[0].to(dtype=query.dtype)[None].expand(batch, -1, -1, -1)  # (B, kv_heads, P, D)
-    prefix_value = prefix[1].to(dtype=query.dtype)[None].expand(batch, -1, -1, -1)
-    if q_len == 1:
-        # One query token: a group's heads become query rows over their shared kv head.
-        rows = query.reshape(batch, kv_heads, groups, head_dim)  # (B, kv_heads, g, D)
-    else:
-        rows = query
-        if groups > 1:  # once per prefill, not per decode step
-            key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-            prefix_key = prefix_key.repeat_interleave(groups, dim=1)  # (B, H, P, D)
-            prefix_value = prefix_value.repeat_interleave(groups, dim=1)
-    real_out, real_lse = kernel(rows, key, value, 0.0, is_causal, attn_mask=additive_mask, scale=scale)
-    prefix_out, prefix_lse = kernel(rows, prefix_key, prefix_value, 0.0, False, scale=scale)
-    real_share = torch.sigmoid(real_lse.float() - prefix_lse.float()).unsqueeze(-1)  # (B, heads', rows, 1)
+    if not _KERNEL_SHARES_KV_HEADS and heads != kv_heads:  # older kernels: one kv head per query head
+        groups = heads // kv_heads
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+        prefix = (prefix[0].repeat_interleave(groups, dim=0), prefix[1].repeat_interleave(groups, dim=0))
+    prefix_key = prefix[0].to(query.dtype)[None].expand(batch, -1, -1, -1)  # (B, kv_heads, P, D)
+    prefix_value = prefix[1].to(query.dtype)[None].expand(batch, -1, -1, -1)
+    # the kernel maps query head h to kv head h // (H / kv_heads) itself, as sdpa's enable_gqa does
+    real_out, real_lse = kernel(query, key, value, 0.0, is_causal, attn_mask=additive_mask, scale=scale)  # (B, H, T, D), (B, H, T)
+    prefix_out, prefix_lse = kernel(query, prefix_key, prefix_value, 0.0, False, scale=scale)
+    # share of the real keys in the softmax over [prefix; real]: sigmoid(lse_r - lse_p)
+    real_share = torch.sub(real_lse, prefix_lse).sigmoid_().unsqueeze(-1)  # (B, H, T, 1), float32
     if has_real_key is not None:
-        real_share = real_share * has_real_key  # the kernel reports lse 0 for a fully masked row
-    # prefix_out + real_share * (real_out - prefix_out), in float32
-    merged = torch.lerp(prefix_out.float(), real_out.float(), real_share).to(query.dtype)
-    if q_len == 1:
-        return merged.reshape(batch, 1, heads, head_dim), None  # (B, 1, H, D)
+        real_share.mul_(has_real_key)  # the kernel reports lse 0 for a fully masked row
+    if query.dtype == torch.float32:
+        merged = torch.lerp(prefix_out, real_out, real_share)  # (B, H, T, D)
+    else:
+        merged = torch.lerp(prefix_out.float(), real_out.float(), real_share).to(query.dtype)
     return merged.transpose(1, 2), None  # (B, T, H, D)
 
 

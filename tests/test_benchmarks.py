@@ -13,8 +13,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/ is not installed
 
 from benchmarks.methods import METHODS
-from benchmarks.report import COLUMNS
+from benchmarks.report import COLUMNS, format_ratio
 from benchmarks.run import QUICK, main
+from benchmarks.scenarios import Ratio
 
 MODELS = ("llama", "gpt2")
 SCENARIOS = (
@@ -57,11 +58,8 @@ def test_numbers_are_finite_and_positive(quick_markdown: str) -> None:
             if row["scenario"] in NO_BASE and column in ("base", "ours/base", "PEFT/base"):
                 assert row[column] == "—", row
                 continue
-            value = float(row[column])
+            value = float(row[column].split(" ")[0])  # a ratio cell may add its quartiles: "1.01 (0.98–1.03)"
             assert math.isfinite(value) and value > 0, (column, row)
-        if row["spread"] != "—":  # one sample (the memory) has no spread
-            spread = float(row["spread"].removesuffix("%"))
-            assert math.isfinite(spread) and spread >= 0, row
 
 
 def test_report_names_machine_versions_and_methods(quick_markdown: str) -> None:
@@ -76,6 +74,22 @@ def test_report_names_machine_versions_and_methods(quick_markdown: str) -> None:
         "get_peft_model",
     ):
         assert needle in quick_markdown
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios() -> None:
+    """Drift that slows both contenders alike cancels in a paired ratio, not in a ratio of medians."""
+    ours = [1.0, 2.0, 4.0, 8.0, 16.0]
+    base = [0.5, 1.0, 2.0, 4.0, 8.0]  # every round exactly half of ours
+    assert Ratio.paired(ours, base) == Ratio(2.0, 2.0, 2.0)
+    ratio = Ratio.paired([3.0, 1.0, 2.0], [1.0, 1.0, 1.0])
+    assert ratio.median == 2.0 and ratio.low == 1.5 and ratio.high == 2.5
+    assert format_ratio(ratio) == "2 (1.5–2.5)"
+    assert format_ratio(Ratio.paired([2.0], [1.0])) == "2"
+
+
+def test_scenario_filter_runs_only_those() -> None:
+    report = main(["--quick", "--repeats", "1", "--threads", "1", "--models", "gpt2", "--scenarios", "attach"])
+    assert {row.scenario for row in report.rows} == {"attach + detach", "build + attach + detach"}
 
 
 def test_thread_count_is_restored() -> None:
