@@ -23,26 +23,18 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from prefix_hooks.families.base import SpliceSource
 from prefix_hooks.merged_attention import merged_attention
 from prefix_hooks.splice import Backend, backend_of, splice_prefix
 
 STATE_KWARG = "prefix_hooks_state"
 """Name of the keyword argument that carries the per-forward state to the layers."""
-
-
-class SpliceSource(Protocol):
-    """Per-forward state: the prefix for each attention module of one attached model."""
-
-    mask_cache: dict[Any, tuple[Any, Any]]
-
-    def prefix_for(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Keys and values ``(kv_heads, P, D)`` for ``module``, or ``None``."""
 
 
 _lock = threading.Lock()
@@ -56,7 +48,7 @@ def _wrap(backend: Backend, attn_implementation: str | None, function: Callable[
         state: SpliceSource | None = kwargs.pop(STATE_KWARG, None)
         if state is None:
             return function(module, query, key, value, *args, **kwargs)
-        prefix = state.prefix_for(module)
+        prefix = state.prefix_for(module, query.shape[0], query.dtype)  # (B, kv_heads, P, D) each
         if prefix is None:
             return function(module, query, key, value, *args, **kwargs)
         if backend is Backend.UNSUPPORTED:

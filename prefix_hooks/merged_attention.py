@@ -75,7 +75,7 @@ def merged_attention(
         key, value: ``(B, kv_heads, S, D)``, the real (cached) keys and values.
         attention_mask: ``None`` (sdpa's implicit top-left causal pattern when ``T > 1``) or
             a mask ``(B|1, 1, T, S)`` shared by all heads, bool (``True = attend``) or additive float.
-        prefix: keys and values ``(kv_heads, P, D)`` each.
+        prefix: keys and values ``(kv_heads, P, D)`` each, or ``(B, kv_heads, P, D)`` already batched.
         kwargs: the attention call's remaining keyword arguments (``scaling``, ``dropout``, ...).
         mask_cache: per-forward memo for the prepared mask.
 
@@ -89,7 +89,7 @@ def merged_attention(
         or query.device.type != "cpu"
         or torch.is_grad_enabled()
         or kwargs.get("dropout", 0.0)
-        or any(kwargs.get(name) is not None for name in _DISQUALIFYING_KWARGS)
+        or not all(kwargs.get(name) is None for name in _DISQUALIFYING_KWARGS)
         or query.dtype not in (torch.float32, torch.bfloat16, torch.float16)
         or key.dtype != query.dtype
     ):
@@ -106,12 +106,11 @@ def merged_attention(
     if is_causal:  # sdpa's top-left causal pattern over the first T keys (StaticCache prefill)
         key, value = key[:, :, :q_len], value[:, :, :q_len]  # (B, kv_heads, T, D)
     scale = kwargs.get("scaling")
+    prefix_key, prefix_value = (_batched(part, batch, query.dtype) for part in prefix)  # (B, kv_heads, P, D)
     if not _KERNEL_SHARES_KV_HEADS and heads != kv_heads:  # older kernels: one kv head per query head
         groups = heads // kv_heads
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-        prefix = (prefix[0].repeat_interleave(groups, dim=0), prefix[1].repeat_interleave(groups, dim=0))
-    prefix_key = prefix[0].to(query.dtype)[None].expand(batch, -1, -1, -1)  # (B, kv_heads, P, D)
-    prefix_value = prefix[1].to(query.dtype)[None].expand(batch, -1, -1, -1)
+        prefix_key, prefix_value = prefix_key.repeat_interleave(groups, 1), prefix_value.repeat_interleave(groups, 1)
     # the kernel maps query head h to kv head h // (H / kv_heads) itself, as sdpa's enable_gqa does
     real_out, real_lse = kernel(query, key, value, 0.0, is_causal, attn_mask=additive_mask, scale=scale)  # (B, H, T, D), (B, H, T)
     prefix_out, prefix_lse = kernel(query, prefix_key, prefix_value, 0.0, False, scale=scale)
@@ -124,6 +123,13 @@ def merged_attention(
     else:
         merged = torch.lerp(prefix_out.float(), real_out.float(), real_share).to(query.dtype)
     return merged.transpose(1, 2), None  # (B, T, H, D)
+
+
+def _batched(prefix: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
+    """``(B, kv_heads, P, D)`` in ``dtype`` from a ``(kv_heads, P, D)`` or already batched prefix."""
+    if prefix.dim() == 3:
+        return prefix.to(dtype)[None].expand(batch, -1, -1, -1)
+    return prefix if prefix.dtype == dtype else prefix.to(dtype)
 
 
 def _prepared_mask(mask: torch.Tensor | None, dtype: torch.dtype, mask_cache: dict[Any, tuple[Any, Any]] | None) -> Any:

@@ -136,7 +136,7 @@ def splice_prefix(
         query: ``(B, H, T, D)``.
         key, value: ``(B, kv_heads, S, D)``, after RoPE and the cache update.
         attention_mask: the mask the model built for this layer, or ``None``.
-        prefix: keys and values ``(kv_heads, P, D)`` each.
+        prefix: keys and values ``(kv_heads, P, D)`` each, or ``(B, kv_heads, P, D)`` already batched.
         kwargs: the remaining keyword arguments of the attention call.
         mask_cache: per-forward memo so that layers sharing one mask extend it once.
 
@@ -147,7 +147,7 @@ def splice_prefix(
     prefix_key, prefix_value = prefix
     q_len = query.shape[2]
     batch = key.shape[0]
-    num_prefix = prefix_key.shape[1]
+    num_prefix = prefix_key.shape[-2]
 
     if attention_mask is None:
         if backend is Backend.SDPA and q_len > 1 and wants_causal(module, kwargs):
@@ -174,8 +174,11 @@ def splice_prefix(
                 mask_cache[id(attention_mask)] = (attention_mask, extended)
             attention_mask = extended
 
-    prefix_key = prefix_key.to(dtype=key.dtype, device=key.device)
-    prefix_value = prefix_value.to(dtype=value.dtype, device=value.device)
-    key = torch.cat([prefix_key[None].expand(batch, -1, -1, -1), key], dim=2)  # (B, kv_heads, P + S, D)
-    value = torch.cat([prefix_value[None].expand(batch, -1, -1, -1), value], dim=2)  # (B, kv_heads, P + S, D)
+    if prefix_key.dim() == 3:  # (kv_heads, P, D): expand over the batch
+        prefix_key, prefix_value = prefix_key[None].expand(batch, -1, -1, -1), prefix_value[None].expand(batch, -1, -1, -1)
+    if prefix_key.dtype != key.dtype or prefix_key.device != key.device:
+        prefix_key = prefix_key.to(dtype=key.dtype, device=key.device)
+        prefix_value = prefix_value.to(dtype=value.dtype, device=value.device)
+    key = torch.cat([prefix_key, key], dim=2)  # (B, kv_heads, P + S, D)
+    value = torch.cat([prefix_value, value], dim=2)  # (B, kv_heads, P + S, D)
     return key, value, attention_mask

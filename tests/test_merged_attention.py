@@ -135,3 +135,26 @@ def test_models_use_the_merged_path_and_match_concatenation(family: str, monkeyp
         assert torch.equal(merged.sequences, concatenated.sequences)
         for step_merged, step_concatenated in zip(merged.logits, concatenated.logits):
             torch.testing.assert_close(step_merged, step_concatenated, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("prefix_projection", [False, True])
+def test_reused_layer_views_see_in_place_updates(dtype: torch.dtype, prefix_projection: bool) -> None:
+    """Decode steps reuse each layer's expanded (and, in bf16, cast) prefix across forwards;
+    an in-place update of the encoder (as an optimizer step makes) must be seen at once.
+    Oracle: a second model whose encoder is loaded with the updated weights from the start."""
+    config = PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=prefix_projection)
+    models = [build_model("llama", "sdpa", seed=0).to(dtype) for _ in range(2)]
+    handles = [attach_prefix(model, config) for model in models]
+    batch = random_batch(2, 6, seed=3)
+    with handles[0], torch.no_grad():
+        models[0](**batch)  # builds and memoizes the views
+        first = models[0](**batch).logits
+        for parameter in handles[0].encoder.parameters():
+            parameter.add_(0.5)  # in place: same tensors, new version
+        updated = models[0](**batch).logits
+    handles[1].encoder.load_state_dict(handles[0].encoder.state_dict())
+    with handles[1], torch.no_grad():
+        fresh = models[1](**batch).logits
+    assert not torch.equal(first, updated)
+    assert torch.equal(updated, fresh)
