@@ -27,6 +27,24 @@ class TaskType(str, enum.Enum):
     FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
 
 
+class EncoderDecoderLayout(str, enum.Enum):
+    """Which attention layers of an encoder-decoder get a prefix, and how the prefix tensor is laid out.
+
+    * ``FULL`` (``"full"``): Li & Liang (2021), ``[PREFIX; x; PREFIX'; y]``. Every encoder
+      self-attention, decoder self-attention and decoder cross-attention layer has its own
+      slot: encoder layers ``0..E-1``, decoder self-attention ``E..E+D-1``, cross-attention
+      ``E+D..E+2D-1`` (``num_layers = E + 2D``).
+    * ``PEFT`` (``"peft"``): what PEFT 0.21 computes for ``SEQ_2_SEQ_LM``, so that its prefixes
+      reproduce. ``num_layers`` slots (PEFT's default: the encoder depth ``E``); only the decoder
+      self-attention gets a prefix, decoder layer ``i`` reading slot ``2i mod num_layers``; the
+      encoder is untouched and the cross-attention prefix PEFT computes is discarded (as PEFT's
+      cache does).
+    """
+
+    FULL = "full"
+    PEFT = "peft"
+
+
 class PeftType(str, enum.Enum):
     """Adapter method names, as PEFT spells them in ``adapter_config.json``."""
 
@@ -51,9 +69,12 @@ class PrefixTuningConfig:
         token_dim: width of one layer's keys, ``kv_heads * head_dim``. ``None`` reads it
             from the model. For grouped-query models this is the *key/value* width, as
             PEFT stores it.
-        num_layers: number of attention layers that receive a prefix (``None``: all).
+        num_layers: number of attention layers that receive a prefix (``None``: all); for
+            encoder-decoders the number of prefix slots of the layout (see
+            :class:`EncoderDecoderLayout`).
         num_attention_heads: key/value heads per layer (``None``: read from the model).
-        num_transformer_submodules: 1 for decoder-only and encoder-only models.
+        num_transformer_submodules: 1 for decoder-only and encoder-only models, 2 for
+            encoder-decoders (``None``: read from the model).
         encoder_hidden_size: hidden width of the projection MLP (``None``: ``token_dim``).
         prefix_projection: reparameterise the prefix through Embedding -> Linear -> Tanh
             -> Linear while training.
@@ -62,7 +83,13 @@ class PrefixTuningConfig:
         position_offset: the position of the first real token. ``None`` means ``P``,
             the convention of PEFT and the paper (the prefix occupies positions
             ``0..P-1``), which reproduces PEFT-trained prefixes exactly. ``0`` keeps the
-            model's own positions.
+            model's own positions. For encoder-decoders ``None`` means ``P`` for the decoder
+            and ``0`` for the encoder (PEFT shifts only the decoder); an explicit value
+            shifts both stacks.
+        encoder_decoder_layout: for encoder-decoder models, ``"full"`` (prefixes on encoder
+            self-, decoder self- and cross-attention, the paper's method) or ``"peft"``
+            (reproduces PEFT 0.21's prefixes); see :class:`EncoderDecoderLayout`. ``None``
+            means ``"full"`` for encoder-decoders; other models accept only ``None``.
         peft_type: always ``"PREFIX_TUNING"``.
     """
 
@@ -76,6 +103,7 @@ class PrefixTuningConfig:
     inference_mode: bool = False
     task_type: TaskType | str | None = None
     position_offset: int | None = None
+    encoder_decoder_layout: EncoderDecoderLayout | str | None = None
     peft_type: PeftType | str = PeftType.PREFIX_TUNING
 
     def __post_init__(self) -> None:
@@ -106,6 +134,14 @@ class PrefixTuningConfig:
                 accepted = ", ".join(t.value for t in TaskType)
                 raise ValueError(
                     f"task_type={self.task_type!r} is not accepted; expected one of {accepted} or None"
+                ) from None
+        if self.encoder_decoder_layout is not None:
+            try:
+                self.encoder_decoder_layout = EncoderDecoderLayout(self.encoder_decoder_layout)
+            except ValueError:
+                raise ValueError(
+                    f"encoder_decoder_layout={self.encoder_decoder_layout!r} is not accepted; expected 'full' "
+                    "(prefixes on encoder, decoder and cross-attention), 'peft' (PEFT's decoder-only layout) or None"
                 ) from None
         if self.peft_type not in (PeftType.PREFIX_TUNING, PeftType.PREFIX_TUNING.value):
             raise ValueError(f"peft_type={self.peft_type!r} is not accepted; expected 'PREFIX_TUNING'")
@@ -151,10 +187,20 @@ def resolve_prefix_config(config: PrefixTuningConfig, dims: ModelDims) -> Prefix
             f"for grouped-query models); leave it None or set it to {dims.kv_heads}"
         )
     if config.num_transformer_submodules not in (None, dims.num_transformer_submodules):
+        stacks = "an encoder and a decoder stack" if dims.num_transformer_submodules == 2 else "one stack"
         raise ValueError(
             f"num_transformer_submodules={config.num_transformer_submodules} but this "
-            f"{dims.model_type} model takes {dims.num_transformer_submodules}"
+            f"{dims.model_type} model takes {dims.num_transformer_submodules} ({stacks}); leave it None or set "
+            f"{dims.num_transformer_submodules}"
         )
+    layout = config.encoder_decoder_layout
+    if dims.num_transformer_submodules == 1 and layout is not None:
+        raise ValueError(
+            f"encoder_decoder_layout={EncoderDecoderLayout(layout).value!r} applies to encoder-decoder models; "
+            f"this {dims.model_type} model has one stack: leave it None"
+        )
+    if dims.num_transformer_submodules == 2 and layout is None:
+        layout = EncoderDecoderLayout.FULL
     return dataclasses.replace(
         config,
         num_layers=dims.num_layers,
@@ -162,4 +208,5 @@ def resolve_prefix_config(config: PrefixTuningConfig, dims: ModelDims) -> Prefix
         num_attention_heads=dims.kv_heads,
         num_transformer_submodules=dims.num_transformer_submodules,
         encoder_hidden_size=config.encoder_hidden_size or kv_width,
+        encoder_decoder_layout=layout,
     )

@@ -12,10 +12,12 @@ On attach, in this order (each step undone on detach, in reverse):
 
 from __future__ import annotations
 
+import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -23,8 +25,10 @@ from torch import nn
 from prefix_hooks import attention_interposer
 from prefix_hooks.attachment import Attachment, UndoStack, attachments_of, freeze_parameters, register_child
 from prefix_hooks.config import PrefixTuningConfig, resolve_prefix_config
-from prefix_hooks.families import ArchitectureAdapter, ModelDims, PositionInputs, adapter_for
+from prefix_hooks.families import ArchitectureAdapter, AttentionSite, ModelDims, adapter_for
+from prefix_hooks.families.base import ForwardCall
 from prefix_hooks.prefix_encoder import PrefixEncoder
+from prefix_hooks.prefix_views import LayerViews
 from prefix_hooks.splice import SUPPORTED_IMPLEMENTATIONS, Backend, backend_of
 
 
@@ -36,16 +40,26 @@ class PrefixForwardState:
         layer_of: attention module -> layer index.
         kv: ``(L, 2, kv_heads, P, D)``; ``kv[i, 0]`` are layer ``i``'s keys, ``kv[i, 1]`` its values.
         mask_cache: extended masks, shared by the layers that receive the same mask.
+        views: memo of the batch-expanded per-layer views (the attachment's, reused across forwards).
+        position_offset: the offset this forward's root gave the real tokens' positions; per-module
+            hooks of families that look positions up inside the model read it.
     """
 
     layer_of: dict[nn.Module, int]
     kv: torch.Tensor
     rebuild: Callable[[], torch.Tensor]
     mask_cache: dict[Any, tuple[Any, Any]] = field(default_factory=dict)
+    position_offset: int = 0
     spliced: int = 0
+    views: LayerViews = field(default_factory=LayerViews)
     _no_grad_calls: bool = False
 
-    def prefix_for(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def prefix_for(
+        self, module: nn.Module, batch: int | None = None, dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Keys and values for ``module``: ``(kv_heads, P, D)`` each, or with ``batch`` and
+        ``dtype`` given, ``(batch, kv_heads, P, D)`` expanded views in ``dtype``; ``None`` for a
+        module without a prefix. Counts the call as a spliced layer."""
         layer = self.layer_of.get(module)
         if layer is None:
             return None
@@ -57,13 +71,55 @@ class PrefixForwardState:
             # Reentrant recomputation runs one backward per layer: give each layer its own
             # encoder graph, or the second layer would backpropagate through freed buffers.
             kv = self.rebuild()
+        if batch is not None and dtype is not None:
+            return self.views.get(kv, layer, batch, dtype)  # (B, kv_heads, P, D) each
         return kv[layer, 0], kv[layer, 1]  # (kv_heads, P, D) each
 
 
-def _model_dims(family: ArchitectureAdapter, model: nn.Module) -> tuple[ModelDims, dict[nn.Module, int]]:
-    sites = family.attention_sites(model)
+@runtime_checkable
+class MultiRootAdapter(Protocol):
+    """What an :class:`ArchitectureAdapter` adds when its model is entered at several modules
+    and may reserve prefix slots that no attention module reads (encoder-decoders).
+
+    ``generate()`` runs an encoder-decoder's encoder on its own before stepping the decoder, so
+    each stack is a root: its own pre-hook builds the per-forward state (and its own position
+    offset). PEFT's seq2seq layout keeps slots that only its discarded cross-attention prefix used.
+    """
+
+    def roots(self, model: nn.Module, sites: Sequence[AttentionSite]) -> list[nn.Module]:
+        """The modules whose forward runs the ``sites``; each site is reached from exactly one."""
+
+    def num_slots(self, model: nn.Module, config: PrefixTuningConfig, sites: Sequence[AttentionSite]) -> int:
+        """Slots in the prefix tensor (its ``num_layers``); the sites read a subset of ``0..num_slots-1``."""
+
+
+@dataclass(frozen=True)
+class _Root:
+    """A module whose forward pre-hook builds the prefix state, with its parameter names and offset."""
+
+    module: nn.Module
+    params: list[str]
+    offset: int
+
+
+def _model_dims(
+    family: ArchitectureAdapter, model: nn.Module, config: PrefixTuningConfig
+) -> tuple[ModelDims, list[AttentionSite]]:
+    sites = family.attention_sites(model, config)
     if not sites:
         raise ValueError(f"found no attention modules {family.attention_classes} in {type(model).__name__}")
+    slots = sorted({site.layer for site in sites})
+    if isinstance(family, MultiRootAdapter):
+        num_slots = family.num_slots(model, config, sites)
+        if not set(slots) <= set(range(num_slots)):
+            raise ValueError(f"{family.name}: prefix slots {slots} are not within 0..{num_slots - 1}")
+    elif slots != list(range(len(slots))):
+        raise ValueError(f"{family.name}: attention layer indices {slots} are not 0..{len(slots) - 1}")
+    else:
+        num_slots = len(slots)
+    modules = [site.module for site in sites]
+    if len(set(map(id, modules))) != len(modules):
+        raise ValueError(f"{family.name}: an attention module is listed twice")
     shapes = {(site.kv_heads, site.head_dim) for site in sites}
     if len(shapes) != 1:
         raise ValueError(
@@ -73,12 +129,12 @@ def _model_dims(family: ArchitectureAdapter, model: nn.Module) -> tuple[ModelDim
     ((kv_heads, head_dim),) = shapes
     dims = ModelDims(
         model_type=str(getattr(model.config, "model_type", type(model).__name__)),
-        num_layers=len(sites),
+        num_layers=num_slots,
         kv_heads=kv_heads,
         head_dim=head_dim,
         num_transformer_submodules=family.num_transformer_submodules,
     )
-    return dims, {site.module: site.layer for site in sites}
+    return dims, sites
 
 
 def _first_parameter_device(model: nn.Module) -> torch.device:
@@ -110,20 +166,35 @@ class PrefixAttachment(Attachment):
         if reason is not None:
             raise ValueError(reason)
         self._check_implementation()
-        dims, self._layer_of = _model_dims(self.family, model)
+        dims, self._sites = _model_dims(self.family, model, config)
+        self._layer_of = {site.module: site.layer for site in self._sites}
         self.config = resolve_prefix_config(config, dims)
-        self._base = self.family.base_model(model)
-        self._forward_params = list(inspect.signature(self._base.forward).parameters)
-        self._offset = self.config.effective_position_offset
-        if self._offset and "position_ids" not in self._forward_params:
-            raise ValueError(
-                f"position_offset={self._offset} needs position_ids, which {type(self._base).__name__}.forward "
-                "does not take; set position_offset=0"
-            )
+        roots = (
+            self.family.roots(model, self._sites)
+            if isinstance(self.family, MultiRootAdapter)
+            else [self.family.base_model(model)]
+        )
+        self._roots = [self._root(module) for module in roots]
+        # the state of the forward running in this thread / task (or of the last one, which a
+        # gradient-checkpointing recomputation during backward needs); read by per-site hooks
+        self._current: ContextVar[PrefixForwardState | None] = ContextVar(f"prefix_hooks_{adapter_name}", default=None)
         self.encoder = PrefixEncoder(self.config).to(_first_parameter_device(model))
         self.encoder.requires_grad_(not self.config.inference_mode)
         self._child_name = f"prefix_hooks_{adapter_name}"
         self._dims = dims
+        self._kv_memo: tuple[torch.Tensor, torch.Tensor] | None = None  # (encoder output, its layer view)
+        self._views = LayerViews()
+
+    def _root(self, module: nn.Module) -> _Root:
+        offset = (
+            self.config.position_offset
+            if self.config.position_offset is not None
+            else self.family.default_position_offset(module, self.config.num_virtual_tokens)
+        )
+        offset_error = self.family.position_offset_error(module, offset)
+        if offset_error is not None:
+            raise ValueError(offset_error)
+        return _Root(module, list(inspect.signature(module.forward).parameters), offset)
 
     def adapter_modules(self) -> list[nn.Module]:
         return [self.encoder]
@@ -148,43 +219,51 @@ class PrefixAttachment(Attachment):
         self._check_implementation()
 
     def _install(self, undo: UndoStack) -> None:
+        undo.push(self._forget_views)
         freeze_parameters(self.model, undo)
         register_child(self.model, self._child_name, self.encoder, undo)
         attention_interposer.acquire()
         undo.push(attention_interposer.release)
-        pre_hook = self._base.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
-        undo.push(pre_hook.remove)
-        post_hook = self._base.register_forward_hook(self._check_spliced, with_kwargs=True)
-        undo.push(post_hook.remove)
+        for root in self._roots:
+            pre_hook = root.module.register_forward_pre_hook(functools.partial(self._pre_forward, root), with_kwargs=True)
+            undo.push(pre_hook.remove)
+            post_hook = root.module.register_forward_hook(self._check_spliced, with_kwargs=True)
+            undo.push(post_hook.remove)
+        self.family.install_site_hooks(self._sites, self._current_state, undo)
+
+    def _forget_views(self) -> None:
+        self._kv_memo = None
+        self._views.clear()
+
+    def _current_state(self) -> PrefixForwardState | None:
+        return self._current.get() if self.is_enabled else None
 
     # --- per forward --------------------------------------------------------------
     def layer_prefixes(self) -> torch.Tensor:
         """Every layer's prefix, computed once: ``(L, 2, kv_heads, P, D)`` (a view of the encoder output)."""
         dims = self._dims
         flat = self.encoder.prefix()  # (P, L*2*kv_heads*D)
+        recording = torch.is_grad_enabled() and flat.requires_grad
+        if not recording and self._kv_memo is not None and self._kv_memo[0] is flat:
+            return self._kv_memo[1]  # the same tensor as last time: layer views stay valid
         per_layer = flat.view(self.config.num_virtual_tokens, dims.num_layers, 2, dims.kv_heads, dims.head_dim)
-        return per_layer.permute(1, 2, 3, 0, 4)  # (L, 2, kv_heads, P, D)
+        kv = per_layer.permute(1, 2, 3, 0, 4)  # (L, 2, kv_heads, P, D)
+        self._kv_memo = None if recording else (flat, kv)
+        return kv
 
-    def _argument(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if name in kwargs:
-            return kwargs[name]
-        if name in self._forward_params:
-            index = self._forward_params.index(name)
-            if index < len(args):
-                return args[index]
-        return None
-
-    def _pre_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def _pre_forward(self, root: _Root, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if not self.is_enabled:
             return None
         self._check_implementation()
-        kwargs = dict(kwargs)
-        kwargs[attention_interposer.STATE_KWARG] = PrefixForwardState(
-            self._layer_of, self.layer_prefixes(), self.layer_prefixes
+        state = PrefixForwardState(
+            self._layer_of, self.layer_prefixes(), self.layer_prefixes, position_offset=root.offset, views=self._views
         )
-        if self._offset:
-            args, kwargs = self._offset_positions(args, kwargs)
-        return args, kwargs
+        self._current.set(state)
+        call = ForwardCall(root.params, args, dict(kwargs))
+        call.kwargs[attention_interposer.STATE_KWARG] = state
+        if root.offset:
+            self.family.offset_positions(call, root.offset)
+        return call.args, call.kwargs
 
     def _check_spliced(self, module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
         state = kwargs.get(attention_interposer.STATE_KWARG)
@@ -194,33 +273,6 @@ class PrefixAttachment(Attachment):
                 f"{type(module).__name__}.forward; the {self.family.name!r} family adapter does not match "
                 "this model (its base_model must pass **kwargs down to the attention function)"
             )
-
-    def _offset_positions(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        positions = self._argument("position_ids", args, kwargs)
-        if positions is not None:
-            positions = positions + self._offset
-        else:
-            tokens = self._argument("input_ids", args, kwargs)
-            if tokens is None:
-                tokens = self._argument("inputs_embeds", args, kwargs)
-            if tokens is None:
-                return args, kwargs
-            cache = self._argument("past_key_values", args, kwargs)
-            past_len = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
-            mask = self._argument("attention_mask", args, kwargs)
-            inputs = PositionInputs(
-                seq_len=tokens.shape[1],
-                past_len=int(past_len),
-                attention_mask=mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None,
-                device=tokens.device,
-            )
-            positions = self.family.position_ids(inputs, self._offset)
-        index = self._forward_params.index("position_ids")
-        if index < len(args):
-            args = (*args[:index], positions, *args[index + 1 :])
-        else:
-            kwargs["position_ids"] = positions
-        return args, kwargs
 
 
 def attach_prefix(model: nn.Module, config: PrefixTuningConfig, adapter_name: str = "default") -> PrefixAttachment:

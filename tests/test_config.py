@@ -21,7 +21,7 @@ NUM_VIRTUAL_TOKENS = 4
 BSZ = 3
 RESOLUTION_FAMILIES = ("llama", "qwen3", "gpt2", "gpt_neox")
 POSITIVE_INT_FIELDS = ("token_dim", "num_layers", "num_attention_heads", "encoder_hidden_size")
-EXTRA_FIELDS = {"position_offset"}  # ours only; PEFT ignores it in adapter_config.json
+EXTRA_FIELDS = {"position_offset", "encoder_decoder_layout"}  # ours only; PEFT ignores them in adapter_config.json
 TASK_TYPES = "SEQ_CLS, SEQ_2_SEQ_LM, CAUSAL_LM, TOKEN_CLS, QUESTION_ANS, FEATURE_EXTRACTION"
 
 # (field, bad value, what the message must say is accepted)

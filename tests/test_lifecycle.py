@@ -19,7 +19,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from tiny_models import VOCAB, build_model, random_batch
 from torch import nn
-from transformers import BertConfig, BertModel, PreTrainedModel
+from transformers import AlbertConfig, AlbertModel, PreTrainedModel
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -708,10 +708,11 @@ def test_threads_share_an_attached_model(make_warm_model: Callable[..., PreTrain
 
 
 # --- 5. atomic attach ---------------------------------------------------------------------------
-def tiny_bert() -> BertModel:
-    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                        vocab_size=VOCAB, max_position_embeddings=64)
-    return BertModel(config).eval()
+def tiny_albert() -> AlbertModel:
+    """A model of a family no adapter serves."""
+    config = AlbertConfig(hidden_size=32, embedding_size=16, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=64)
+    return AlbertModel(config).eval()
 
 
 @pytest.mark.parametrize(
@@ -743,13 +744,13 @@ def test_bad_num_virtual_tokens_is_refused(num_virtual_tokens: object) -> None:
 
 
 def test_unsupported_model_is_refused() -> None:
-    model = tiny_bert()
-    assert "bert" not in supported()
+    model = tiny_albert()
+    assert "albert" not in supported()
     before = snapshot(model)
     with pytest.raises(UnsupportedModelError) as error:
         attach_prefix(model, prefix_config())
     message = str(error.value)
-    assert "model_type='bert'" in message
+    assert "model_type='albert'" in message
     assert all(family in message for family in supported())
     assert_untouched(model, before)
 

@@ -144,7 +144,9 @@ def test_reused_layer_views_see_in_place_updates(dtype: torch.dtype, prefix_proj
     an in-place update of the encoder (as an optimizer step makes) must be seen at once.
     Oracle: a second model whose encoder is loaded with the updated weights from the start."""
     config = PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=prefix_projection)
-    models = [build_model("llama", "sdpa", seed=0).to(dtype) for _ in range(2)]
+    models = [build_model("llama", "sdpa", seed=0) for _ in range(2)]
+    for model in models:
+        nn.Module.to(model, dtype)
     handles = [attach_prefix(model, config) for model in models]
     batch = random_batch(2, 6, seed=3)
     with handles[0], torch.no_grad():

@@ -2,25 +2,36 @@
 
 ``supported()`` lists the model types that work; ``register_family`` adds an adapter
 for an architecture of your own (see :class:`ArchitectureAdapter` for the interface).
+
+Every module in this package except ``base`` is a family module and is registered on
+import: it defines ``ADAPTER`` (one :class:`ArchitectureAdapter`) or ``ADAPTERS`` (several).
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 from torch import nn
 
-from prefix_hooks.families import gemma, gpt2, gpt_neox, llama, mistral, opt, phi3, qwen2, qwen3
 from prefix_hooks.families.base import (
     ArchitectureAdapter,
     AttentionSite,
+    CurrentState,
+    ForwardCall,
     ModelDims,
     PositionInputs,
+    SpliceSource,
 )
 
 __all__ = [
     "ArchitectureAdapter",
     "AttentionSite",
+    "CurrentState",
+    "ForwardCall",
     "ModelDims",
     "PositionInputs",
+    "SpliceSource",
     "UnsupportedModelError",
     "adapter_for",
     "register_family",
@@ -72,5 +83,14 @@ def adapter_for(model: nn.Module) -> ArchitectureAdapter:
     return _ADAPTERS[model_type]
 
 
-for _module in (llama, mistral, qwen2, qwen3, gemma, phi3, gpt2, gpt_neox, opt):
-    register_family(_module.ADAPTER)
+def _register_family_modules() -> None:
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda info: info.name):
+        if info.name == "base" or info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        adapters = getattr(module, "ADAPTERS", None) or (module.ADAPTER,)
+        for adapter in adapters:
+            register_family(adapter)
+
+
+_register_family_modules()

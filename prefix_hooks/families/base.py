@@ -1,17 +1,31 @@
 """What an architecture adapter tells the library about one model family.
 
-An adapter answers four questions about a model: which modules are its attention
-layers (and their layer index), how many key/value heads and what head size each
-produces, which module receives the inputs and passes ``**kwargs`` down to the
-attention function, and which positions the model gives its tokens by default.
+An adapter answers five questions about a model:
+
+1. which modules are its attention layers, and which prefix slot (layer) each reads;
+2. how many key/value heads and what head size each produces;
+3. which module receives the inputs and passes ``**kwargs`` down to the attention function
+   (the *root*, where a pre-hook injects the per-forward prefix);
+4. how the prefix reaches the attention computation: through the attention-function
+   registry (the default, nothing to install) or through per-module hooks
+   (:meth:`ArchitectureAdapter.install_site_hooks`, for families that compute attention inline);
+5. which positions the model gives its tokens, so that real tokens can be shifted
+   behind the prefix (:meth:`ArchitectureAdapter.offset_positions`).
 """
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from prefix_hooks.attachment import UndoStack
+    from prefix_hooks.config import PrefixTuningConfig
 
 
 @dataclass(frozen=True)
@@ -20,15 +34,20 @@ class AttentionSite:
 
     Attributes:
         module: the attention module (the one that calls the attention function).
-        layer: its index into the prefix, ``0..L-1`` (the model's ``layer_idx``).
+        layer: its prefix slot, ``0..L-1`` (for decoders the model's ``layer_idx``). Several
+            sites may read one slot (e.g. a decoder layer's self- and cross-attention when
+            they share a prefix); the slots in use must be exactly ``0..L-1``.
         kv_heads: key/value heads the module produces.
         head_dim: size of one head.
+        role: what the module attends over, for messages and family code:
+            ``"self"``, ``"encoder"``, ``"decoder"`` or ``"cross"``.
     """
 
     module: nn.Module
     layer: int
     kv_heads: int
     head_dim: int
+    role: str = "self"
 
 
 @dataclass(frozen=True)
@@ -51,12 +70,68 @@ class PositionInputs:
         past_len: tokens already in the cache.
         attention_mask: the 2-D ``(B, past_len + T)`` mask (``1 = real token``) or ``None``.
         device: where the positions must live.
+        input_ids: the new tokens ``(B, T)``, or ``None`` when the call passed embeddings.
     """
 
     seq_len: int
     past_len: int
     attention_mask: torch.Tensor | None
     device: torch.device
+    input_ids: torch.Tensor | None = None
+
+
+class SpliceSource(Protocol):
+    """Per-forward state: the prefix for each attention module of one attached model."""
+
+    mask_cache: dict[Any, tuple[Any, Any]]
+
+    def prefix_for(
+        self, module: nn.Module, batch: int | None = None, dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Keys and values ``(kv_heads, P, D)`` for ``module`` (counted as spliced), or ``None``;
+        with ``batch`` and ``dtype``, ``(batch, kv_heads, P, D)`` expanded views in ``dtype``."""
+
+
+CurrentState = Callable[[], "SpliceSource | None"]
+"""Returns the prefix state of the forward running on this thread (or of the last one, for a
+gradient-checkpointing recomputation during backward), ``None`` when disabled or before any forward."""
+
+
+class ForwardCall:
+    """The root module's call as a forward pre-hook sees it: read and replace arguments by name.
+
+    Args:
+        params: the root ``forward``'s parameter names, in order.
+        args, kwargs: the call's arguments (``kwargs`` is modified in place by :meth:`set`).
+    """
+
+    def __init__(self, params: list[str], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.params = params
+        self.args = args
+        self.kwargs = kwargs
+
+    def accepts(self, name: str) -> bool:
+        """Whether ``forward`` takes ``name`` (as a named parameter or through ``**kwargs``)."""
+        return name in self.params
+
+    def get(self, name: str) -> Any:
+        """The argument ``name`` as passed positionally or by keyword, else ``None``."""
+        if name in self.kwargs:
+            return self.kwargs[name]
+        if name in self.params:
+            index = self.params.index(name)
+            if index < len(self.args):
+                return self.args[index]
+        return None
+
+    def set(self, name: str, value: Any) -> None:
+        """Pass ``value`` as ``name``: in its positional slot if it was passed there, else by keyword."""
+        if name in self.params:
+            index = self.params.index(name)
+            if index < len(self.args) and name not in self.kwargs:
+                self.args = (*self.args[:index], value, *self.args[index + 1 :])
+                return
+        self.kwargs[name] = value
 
 
 @dataclass(frozen=True)
@@ -90,27 +165,78 @@ class ArchitectureAdapter:
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads  # type: ignore[attr-defined]
         return int(kv_heads), head_dim
 
-    def attention_sites(self, model: nn.Module) -> list[AttentionSite]:
-        """Every attention module of ``model`` that gets a prefix, ordered by layer."""
-        config = _text_config(model)
+    def attention_sites(self, model: nn.Module, config: PrefixTuningConfig | None = None) -> list[AttentionSite]:
+        """Every attention module of ``model`` that gets a prefix, ordered by slot.
+
+        ``config`` is the user's (unresolved) prefix config, for families whose layout
+        depends on it (encoder-decoders read ``num_transformer_submodules``); ``None``
+        asks for the default layout.
+        """
+        model_config = _text_config(model)
         sites = []
         for module in model.modules():
             if type(module).__name__ in self.attention_classes:
                 layer = getattr(module, "layer_idx", None)
                 if layer is None:
                     raise ValueError(f"{type(module).__name__} has no layer_idx; cannot place its prefix")
-                kv_heads, head_dim = self.kv_shape(module, config)
+                kv_heads, head_dim = self.kv_shape(module, model_config)
                 sites.append(AttentionSite(module, int(layer), kv_heads, head_dim))
         sites.sort(key=lambda site: site.layer)
-        if [site.layer for site in sites] != list(range(len(sites))):
-            raise ValueError(
-                f"{self.name}: attention layer indices {[s.layer for s in sites]} are not 0..{len(sites) - 1}"
-            )
         return sites
 
     def unsupported_reason(self, model: nn.Module) -> str | None:
         """Why this particular model cannot take a prefix, or ``None`` when it can."""
         return None
+
+    def install_site_hooks(self, sites: list[AttentionSite], current_state: CurrentState, undo: UndoStack) -> None:
+        """Install what delivers each site's prefix, pushing every removal onto ``undo``.
+
+        The default installs nothing: the attention-function interposer reads the state
+        from the call's ``**kwargs``. Families that compute attention inline register
+        per-module hooks here that call ``current_state().prefix_for(site.module)``.
+        """
+
+    def default_position_offset(self, root: nn.Module, num_virtual_tokens: int) -> int:
+        """The offset ``position_offset=None`` means: ``P`` (PEFT's and the paper's convention,
+        real tokens after the prefix) for models that take positions; families without
+        position inputs (vision, relative-only) override it with 0."""
+        return num_virtual_tokens
+
+    def position_offset_error(self, root: nn.Module, offset: int) -> str | None:
+        """Why ``root`` cannot shift its positions by ``offset``, or ``None`` when it can."""
+        params = inspect.signature(root.forward).parameters
+        if offset and "position_ids" not in params:
+            return (
+                f"position_offset={offset} needs position_ids, which {type(root).__name__}.forward does not take; "
+                "set position_offset=0"
+            )
+        return None
+
+    def offset_positions(self, call: ForwardCall, offset: int) -> None:
+        """Shift the real tokens' positions by ``offset`` in the root call (``offset > 0``).
+
+        The default adds ``offset`` to given ``position_ids``, or passes the positions
+        :meth:`position_ids` computes for the call's tokens and cache.
+        """
+        positions = call.get("position_ids")
+        if positions is not None:
+            call.set("position_ids", positions + offset)
+            return
+        input_ids = call.get("input_ids")
+        tokens = input_ids if input_ids is not None else call.get("inputs_embeds")
+        if tokens is None:
+            return
+        cache = call.get("past_key_values")
+        past_len = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+        mask = call.get("attention_mask")
+        inputs = PositionInputs(
+            seq_len=tokens.shape[1],
+            past_len=int(past_len),
+            attention_mask=mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None,
+            device=tokens.device,
+            input_ids=input_ids,
+        )
+        call.set("position_ids", self.position_ids(inputs, offset))
 
     def position_ids(self, inputs: PositionInputs, offset: int) -> torch.Tensor:
         """Positions the model would give the new tokens if ``offset`` tokens came first.

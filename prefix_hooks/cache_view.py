@@ -1,0 +1,135 @@
+"""The cache one attention call sees, with the prefix in front: for families that compute attention inline.
+
+Falcon, GPT-J, CodeGen, GPT-Neo, BLOOM and MPT never call the attention-function
+registry, so the interposer cannot reach them. What they all do call is
+``cache.update(key, value, layer_idx)``, right before attention, with keys already
+rotated (RoPE) and laid out ``(B, kv_heads, T, D)``. A forward pre-hook on each
+attention module therefore swaps its cache argument for a :class:`PrefixCacheView`:
+
+* ``update()`` writes only the real tokens into the real cache and returns
+  ``cat(prefix, real)`` along the sequence axis, so the module attends over
+  ``P + S`` keys while the cache keeps holding ``S``;
+* without a cache (``use_cache=False``, training) the module still gets a view, over
+  an empty stand-in that stores nothing, so the prefix is spliced there too;
+* everything else (``get_seq_length()``, ``isinstance(view, DynamicCache)``, ...)
+  is the real cache's, through ``wrapt.ObjectProxy``.
+
+The family then widens the mask and the alibi arguments by ``P`` columns (see
+``prefix_hooks.families._inline``); this module knows nothing about masks.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+import wrapt
+from torch import nn
+
+from prefix_hooks.families.base import AttentionSite, CurrentState, ForwardCall, SpliceSource
+
+if TYPE_CHECKING:
+    from prefix_hooks.attachment import UndoStack
+
+ExtendArguments = Callable[[nn.Module, ForwardCall, int, SpliceSource], None]
+"""``(module, call, P, state)``: widen the call's mask/alibi arguments by ``P`` prefix columns."""
+
+
+def prepend_prefix(prefix: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    """Put one layer's prefix in front of a call's keys or values.
+
+    Args:
+        prefix: ``(kv_heads, P, D)``, any dtype/device (cast to ``states``').
+        states: ``(B, kv_heads, S, D)``.
+
+    Returns:
+        ``(B, kv_heads, P + S, D)``; the prefix is expanded over the batch, never copied per row
+        before the concatenation.
+    """
+    if prefix.shape[0] != states.shape[1] or prefix.shape[2] != states.shape[3]:
+        raise ValueError(
+            f"prefix of shape {tuple(prefix.shape)} (kv_heads, P, D) does not fit keys of shape "
+            f"{tuple(states.shape)} (B, kv_heads, S, D)"
+        )
+    prefix = prefix.to(dtype=states.dtype, device=states.device)
+    batch = states.shape[0]
+    return torch.cat([prefix[None].expand(batch, -1, -1, -1), states], dim=2)  # (B, kv_heads, P + S, D)
+
+
+class NoCache:
+    """Stands in for the cache of a call made without one: stores nothing, holds nothing."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+
+class PrefixCacheView(wrapt.ObjectProxy):
+    """One attention call's view of a cache: ``update()`` returns the prefix in front of the real entries.
+
+    Args:
+        cache: the real cache (written through, real tokens only) or ``None`` for a call without one.
+        prefix_key, prefix_value: ``(kv_heads, P, D)`` each.
+    """
+
+    def __init__(self, cache: Any, prefix_key: torch.Tensor, prefix_value: torch.Tensor) -> None:
+        super().__init__(NoCache() if cache is None else cache)
+        self._self_prefix_key = prefix_key
+        self._self_prefix_value = prefix_value
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``(B, kv_heads, T, D)`` keys/values to the real cache; return ``(B, kv_heads, P + S, D)`` each."""
+        keys, values = self.__wrapped__.update(key_states, value_states, layer_idx, *args, **kwargs)
+        return prepend_prefix(self._self_prefix_key, keys), prepend_prefix(self._self_prefix_value, values)
+
+
+def install_cache_view_hooks(
+    sites: list[AttentionSite],
+    current_state: CurrentState,
+    undo: UndoStack,
+    cache_argument: str,
+    extend_arguments: ExtendArguments,
+) -> None:
+    """Register, on every site's module, a pre-hook that hands it a :class:`PrefixCacheView`.
+
+    The hook does nothing while no prefix state is current (detached, disabled) or when the
+    state has no prefix for the module; otherwise it fetches the module's prefix (which counts
+    the layer as spliced), replaces the ``cache_argument`` (given positionally or by keyword)
+    by a view over it, and lets ``extend_arguments`` widen the mask/alibi arguments.
+
+    Args:
+        sites: the attention modules.
+        current_state: the attachment's per-forward state accessor.
+        undo: receives each hook's removal.
+        cache_argument: the module's cache parameter (``layer_past`` or ``past_key_values``).
+        extend_arguments: the family's mask/alibi widening.
+    """
+    for site in sites:
+        params = list(inspect.signature(site.module.forward).parameters)
+        if cache_argument not in params:
+            raise ValueError(
+                f"{type(site.module).__name__}.forward has no parameter {cache_argument!r}; parameters: {params}"
+            )
+
+        def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                     params: list[str] = params) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+            state = current_state()
+            if state is None:
+                return None
+            prefix = state.prefix_for(module)
+            if prefix is None:
+                return None
+            prefix_key, prefix_value = prefix  # (kv_heads, P, D) each
+            call = ForwardCall(params, args, dict(kwargs))
+            call.set(cache_argument, PrefixCacheView(call.get(cache_argument), prefix_key, prefix_value))
+            extend_arguments(module, call, int(prefix_key.shape[1]), state)
+            return call.args, call.kwargs
+
+        handle = site.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        undo.push(handle.remove)

@@ -1,0 +1,160 @@
+"""What the inline-attention families (falcon, gptj, codegen, gpt_neo, bloom, mpt) share.
+
+These modules compute attention themselves instead of calling the attention-function
+registry. Each gets a forward pre-hook (:func:`prefix_hooks.cache_view.install_cache_view_hooks`)
+that swaps its cache argument for a view prepending the prefix, and widens its mask by
+``P`` columns that every query may attend. A family says which argument holds the cache,
+which attribute holds the layer index and, where needed, how its alibi bias grows.
+
+Alibi (bloom, falcon with ``alibi=True``): the model biases key ``j`` by ``slope * j``
+with ``j`` counted from the row's first real token (softmax ignores the per-query
+constant of true ALiBi). The prefix sits right before that token, at ``-P..-1``, as in
+PEFT (which puts it in the cache and counts it in the mask): the real tokens keep their
+own bias, so no position offset applies to these families.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from prefix_hooks.cache_view import install_cache_view_hooks
+from prefix_hooks.families.base import (
+    ArchitectureAdapter,
+    AttentionSite,
+    CurrentState,
+    ForwardCall,
+    SpliceSource,
+    _text_config,
+)
+from prefix_hooks.splice import extend_mask
+
+if TYPE_CHECKING:
+    from prefix_hooks.attachment import UndoStack
+    from prefix_hooks.config import PrefixTuningConfig
+
+MaskFill = bool | float | None
+"""The value of the prefix's mask columns: ``None`` follows the mask's own convention
+(``True``/``0.0`` = attend, as in :func:`prefix_hooks.splice.extend_mask`)."""
+
+
+def memoized(state: SpliceSource, tag: str, tensor: torch.Tensor, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``build()`` once per forward for ``tensor`` (layers share their root's mask and alibi)."""
+    key = (tag, id(tensor))
+    cached = state.mask_cache.get(key)
+    if cached is not None and cached[0] is tensor:
+        return cached[1]
+    extended = build()
+    state.mask_cache[key] = (tensor, extended)
+    return extended
+
+
+def widen_mask(mask: torch.Tensor, num_prefix: int, fill: MaskFill = None) -> torch.Tensor:
+    """``(..., S)`` -> ``(..., P + S)`` with ``fill`` (default: "attend" in the mask's convention) in front."""
+    if fill is None:
+        return extend_mask(mask, num_prefix)
+    visible = mask.new_full((*mask.shape[:-1], num_prefix), fill)  # (..., P)
+    return torch.cat([visible, mask], dim=-1)  # (..., P + S)
+
+
+def prefix_alibi(build_alibi: Callable[[torch.Tensor, int, torch.dtype], torch.Tensor], num_heads: int,
+                 num_prefix: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The alibi bias of the prefix keys, at positions ``-P..-1`` before the first real token.
+
+    ``build_alibi(mask, heads, dtype)`` is the model's own builder (``slope * position``,
+    rounded as the model rounds it); slopes are odd in the position, so ``-bias(k)`` is the
+    bias of position ``-k``.
+
+    Returns:
+        ``(heads, 1, P)``.
+    """
+    ones = torch.ones(1, num_prefix + 1, dtype=torch.long, device=device)  # positions 0..P
+    forward = build_alibi(ones, num_heads, dtype).reshape(num_heads, 1, num_prefix + 1)  # (H, 1, P + 1)
+    return -forward[..., 1:].flip(-1)  # (H, 1, P): positions -P..-1
+
+
+def widen_alibi(alibi: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """Prepend per-head ``columns`` ``(H, 1, P)`` to an alibi laid out batch-major then head.
+
+    Args:
+        alibi: ``(B * H, 1, S)`` (bloom) or ``(B, H, 1, S)`` (falcon).
+
+    Returns:
+        the same layout with ``P + S`` columns.
+    """
+    heads, _, num_prefix = columns.shape
+    batch = alibi.numel() // (heads * alibi.shape[-1])
+    front = columns.to(alibi.dtype)[None].expand(batch, heads, 1, num_prefix)  # (B, H, 1, P)
+    return torch.cat([front.reshape(*alibi.shape[:-1], num_prefix), alibi], dim=-1)  # (..., P + S)
+
+
+@dataclass(frozen=True)
+class InlineAttentionAdapter(ArchitectureAdapter):
+    """An adapter for attention modules that call ``cache.update`` and then attend inline.
+
+    Attributes:
+        cache_argument: the attention module's cache parameter.
+        layer_attr: the attention module's attribute holding its layer index.
+        mask_fill: value of the prefix's mask columns (``None``: the mask's "attend" value).
+    """
+
+    cache_argument: str = "layer_past"
+    layer_attr: str = "layer_idx"
+    mask_fill: MaskFill = None
+
+    def attention_sites(self, model: nn.Module, config: PrefixTuningConfig | None = None) -> list[AttentionSite]:
+        text_config = _text_config(model)
+        sites = []
+        for module in model.modules():
+            if type(module).__name__ in self.attention_classes:
+                layer = getattr(module, self.layer_attr, None)
+                if layer is None:
+                    raise ValueError(f"{type(module).__name__} has no {self.layer_attr}; cannot place its prefix")
+                kv_heads, head_dim = self.kv_shape(module, text_config)
+                sites.append(AttentionSite(module, int(layer), kv_heads, head_dim))
+        sites.sort(key=lambda site: site.layer)
+        return sites
+
+    def unsupported_reason(self, model: nn.Module) -> str | None:
+        implementation = getattr(model.config, "_attn_implementation", None)
+        if implementation not in (None, "eager", "sdpa"):
+            return (
+                f"{self.name} with attn_implementation={implementation!r} is not supported with a prefix "
+                "(its attention is computed inline); load the model with attn_implementation='eager'"
+                + (" or 'sdpa'" if self.name == "falcon" else "")
+            )
+        return None
+
+    def install_site_hooks(self, sites: list[AttentionSite], current_state: CurrentState, undo: UndoStack) -> None:
+        install_cache_view_hooks(sites, current_state, undo, self.cache_argument, self.extend_arguments)
+
+    def extend_arguments(self, module: nn.Module, call: ForwardCall, num_prefix: int, state: SpliceSource) -> None:
+        """Widen the call's ``attention_mask`` by ``P`` visible columns (``None`` stays ``None``).
+
+        Families with more position-dependent arguments (alibi) extend this.
+        """
+        mask = call.get("attention_mask")
+        if isinstance(mask, torch.Tensor):
+            call.set("attention_mask", memoized(state, "mask", mask, lambda: widen_mask(mask, num_prefix, self.mask_fill)))
+
+
+@dataclass(frozen=True)
+class PositionFreeAdapter(InlineAttentionAdapter):
+    """A family whose root takes no ``position_ids`` (positions live in its alibi bias)."""
+
+    def default_position_offset(self, root: nn.Module, num_virtual_tokens: int) -> int:
+        return 0
+
+    def position_offset_error(self, root: nn.Module, offset: int) -> str | None:
+        if offset:
+            return (
+                f"position_offset={offset} does not apply to {self.name}: it has no position_ids, and its alibi "
+                "bias already places the prefix right before the first token (as PEFT does); use "
+                "position_offset=None or 0"
+            )
+        return None
+
