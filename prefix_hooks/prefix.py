@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 from torch import nn
@@ -76,23 +76,6 @@ class PrefixForwardState:
         return kv[layer, 0], kv[layer, 1]  # (kv_heads, P, D) each
 
 
-@runtime_checkable
-class MultiRootAdapter(Protocol):
-    """What an :class:`ArchitectureAdapter` adds when its model is entered at several modules
-    and may reserve prefix slots that no attention module reads (encoder-decoders).
-
-    ``generate()`` runs an encoder-decoder's encoder on its own before stepping the decoder, so
-    each stack is a root: its own pre-hook builds the per-forward state (and its own position
-    offset). PEFT's seq2seq layout keeps slots that only its discarded cross-attention prefix used.
-    """
-
-    def roots(self, model: nn.Module, sites: Sequence[AttentionSite]) -> list[nn.Module]:
-        """The modules whose forward runs the ``sites``; each site is reached from exactly one."""
-
-    def num_slots(self, model: nn.Module, config: PrefixTuningConfig, sites: Sequence[AttentionSite]) -> int:
-        """Slots in the prefix tensor (its ``num_layers``); the sites read a subset of ``0..num_slots-1``."""
-
-
 @dataclass(frozen=True)
 class _Root:
     """A module whose forward pre-hook builds the prefix state, with its parameter names and offset."""
@@ -109,14 +92,9 @@ def _model_dims(
     if not sites:
         raise ValueError(f"found no attention modules {family.attention_classes} in {type(model).__name__}")
     slots = sorted({site.layer for site in sites})
-    if isinstance(family, MultiRootAdapter):
-        num_slots = family.num_slots(model, config, sites)
-        if not set(slots) <= set(range(num_slots)):
-            raise ValueError(f"{family.name}: prefix slots {slots} are not within 0..{num_slots - 1}")
-    elif slots != list(range(len(slots))):
-        raise ValueError(f"{family.name}: attention layer indices {slots} are not 0..{len(slots) - 1}")
-    else:
-        num_slots = len(slots)
+    num_slots = family.num_slots(model, config, sites)
+    if not set(slots) <= set(range(num_slots)):
+        raise ValueError(f"{family.name}: prefix slots {slots} are not within 0..{num_slots - 1}")
     modules = [site.module for site in sites]
     if len(set(map(id, modules))) != len(modules):
         raise ValueError(f"{family.name}: an attention module is listed twice")
@@ -169,12 +147,7 @@ class PrefixAttachment(Attachment):
         dims, self._sites = _model_dims(self.family, model, config)
         self._layer_of = {site.module: site.layer for site in self._sites}
         self.config = resolve_prefix_config(config, dims)
-        roots = (
-            self.family.roots(model, self._sites)
-            if isinstance(self.family, MultiRootAdapter)
-            else [self.family.base_model(model)]
-        )
-        self._roots = [self._root(module) for module in roots]
+        self._roots = [self._root(module) for module in self.family.roots(model, self._sites)]
         # the state of the forward running in this thread / task (or of the last one, which a
         # gradient-checkpointing recomputation during backward needs); read by per-site hooks
         self._current: ContextVar[PrefixForwardState | None] = ContextVar(f"prefix_hooks_{adapter_name}", default=None)
@@ -259,7 +232,7 @@ class PrefixAttachment(Attachment):
             self._layer_of, self.layer_prefixes(), self.layer_prefixes, position_offset=root.offset, views=self._views
         )
         self._current.set(state)
-        call = ForwardCall(root.params, args, dict(kwargs))
+        call = ForwardCall(root.params, args, dict(kwargs), module=root.module)
         call.kwargs[attention_interposer.STATE_KWARG] = state
         if root.offset:
             self.family.offset_positions(call, root.offset)

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from prefix_hooks.families._call import attention_module_of
 from prefix_hooks.families.base import ArchitectureAdapter, AttentionSite, ForwardCall
 
 if TYPE_CHECKING:
@@ -97,7 +96,7 @@ class EncoderAdapter(ArchitectureAdapter):
 
 def _call_config(call: ForwardCall) -> Any:
     """The config of the model that receives ``call`` (``None`` if it cannot be found)."""
-    return getattr(attention_module_of(call), "config", None)
+    return getattr(call.module, "config", None)
 
 
 @dataclass(frozen=True)

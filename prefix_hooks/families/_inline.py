@@ -29,13 +29,11 @@ from prefix_hooks.families.base import (
     CurrentState,
     ForwardCall,
     SpliceSource,
-    _text_config,
 )
 from prefix_hooks.splice import extend_mask
 
 if TYPE_CHECKING:
     from prefix_hooks.attachment import UndoStack
-    from prefix_hooks.config import PrefixTuningConfig
 
 MaskFill = bool | float | None
 """The value of the prefix's mask columns: ``None`` follows the mask's own convention
@@ -98,26 +96,11 @@ class InlineAttentionAdapter(ArchitectureAdapter):
 
     Attributes:
         cache_argument: the attention module's cache parameter.
-        layer_attr: the attention module's attribute holding its layer index.
         mask_fill: value of the prefix's mask columns (``None``: the mask's "attend" value).
     """
 
     cache_argument: str = "layer_past"
-    layer_attr: str = "layer_idx"
     mask_fill: MaskFill = None
-
-    def attention_sites(self, model: nn.Module, config: PrefixTuningConfig | None = None) -> list[AttentionSite]:
-        text_config = _text_config(model)
-        sites = []
-        for module in model.modules():
-            if type(module).__name__ in self.attention_classes:
-                layer = getattr(module, self.layer_attr, None)
-                if layer is None:
-                    raise ValueError(f"{type(module).__name__} has no {self.layer_attr}; cannot place its prefix")
-                kv_heads, head_dim = self.kv_shape(module, text_config)
-                sites.append(AttentionSite(module, int(layer), kv_heads, head_dim))
-        sites.sort(key=lambda site: site.layer)
-        return sites
 
     def unsupported_reason(self, model: nn.Module) -> str | None:
         implementation = getattr(model.config, "_attn_implementation", None)

@@ -13,7 +13,7 @@ prefix slots is the :class:`~prefix_hooks.config.EncoderDecoderLayout`:
   replaces the cross-attention cache, and the encoder gets nothing.
 
 Roots. ``generate()`` runs the encoder stack on its own and then the decoder step by step, so
-each stack that has sites is a root (see :class:`prefix_hooks.prefix.MultiRootAdapter`).
+each stack that has sites is a root (see :meth:`ArchitectureAdapter.roots`).
 
 Positions. ``position_offset=None`` means ``P`` for the decoder (PEFT's decoder tokens follow its
 cached prefix) and ``0`` for the encoder (PEFT leaves the encoder alone, and Li & Liang's BART
@@ -220,7 +220,7 @@ def _position_shift(current_state: CurrentState) -> Any:
 
     def shift(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         state = current_state()
-        offset = getattr(state, "position_offset", 0) if state is not None else 0
+        offset = state.position_offset if state is not None else 0
         if not offset:
             return None
         if kwargs.get("position_ids") is not None:

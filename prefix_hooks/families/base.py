@@ -16,7 +16,7 @@ An adapter answers five questions about a model:
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -81,9 +81,16 @@ class PositionInputs:
 
 
 class SpliceSource(Protocol):
-    """Per-forward state: the prefix for each attention module of one attached model."""
+    """Per-forward state: the prefix for each attention module of one attached model.
+
+    Attributes:
+        mask_cache: per-forward memo of extended masks, keyed by the original mask.
+        position_offset: the offset the running root gave its real tokens' positions (per-module
+            hooks of families that look positions up inside the model read it).
+    """
 
     mask_cache: dict[Any, tuple[Any, Any]]
+    position_offset: int
 
     def prefix_for(
         self, module: nn.Module, batch: int | None = None, dtype: torch.dtype | None = None
@@ -103,12 +110,17 @@ class ForwardCall:
     Args:
         params: the root ``forward``'s parameter names, in order.
         args, kwargs: the call's arguments (``kwargs`` is modified in place by :meth:`set`).
+        module: the root module being called.
     """
 
-    def __init__(self, params: list[str], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def __init__(
+        self, params: list[str], args: tuple[Any, ...], kwargs: dict[str, Any], module: nn.Module | None = None
+    ) -> None:
         self.params = params
         self.args = args
         self.kwargs = kwargs
+        self.module = module
+        """The root module being called (its ``config`` included), when known."""
 
     def accepts(self, name: str) -> bool:
         """Whether ``forward`` takes ``name`` (as a named parameter or through ``**kwargs``)."""
@@ -147,12 +159,14 @@ class ArchitectureAdapter:
         model_types: ``config.model_type`` values this adapter serves.
         attention_classes: class names of the attention modules that get a prefix.
         head_dim_attr: attribute of the attention module holding the head size.
+        layer_attr: attribute of the attention module holding its layer index (its prefix slot).
     """
 
     name: str
     model_types: tuple[str, ...]
     attention_classes: tuple[str, ...]
     head_dim_attr: str = "head_dim"
+    layer_attr: str = "layer_idx"
     num_transformer_submodules: int = field(default=1)
 
     def base_model(self, model: nn.Module) -> nn.Module:
@@ -172,13 +186,13 @@ class ArchitectureAdapter:
         depends on it (encoder-decoders read ``num_transformer_submodules``); ``None``
         asks for the default layout.
         """
-        model_config = _text_config(model)
+        model_config = text_config(model)
         sites = []
         for module in model.modules():
             if type(module).__name__ in self.attention_classes:
-                layer = getattr(module, "layer_idx", None)
+                layer = getattr(module, self.layer_attr, None)
                 if layer is None:
-                    raise ValueError(f"{type(module).__name__} has no layer_idx; cannot place its prefix")
+                    raise ValueError(f"{type(module).__name__} has no {self.layer_attr}; cannot place its prefix")
                 kv_heads, head_dim = self.kv_shape(module, model_config)
                 sites.append(AttentionSite(module, int(layer), kv_heads, head_dim))
         sites.sort(key=lambda site: site.layer)
@@ -187,6 +201,23 @@ class ArchitectureAdapter:
     def unsupported_reason(self, model: nn.Module) -> str | None:
         """Why this particular model cannot take a prefix, or ``None`` when it can."""
         return None
+
+    def roots(self, model: nn.Module, sites: Sequence[AttentionSite]) -> list[nn.Module]:
+        """The modules whose forward runs the ``sites``; each site is reached from exactly one.
+
+        A pre-hook on each root builds the per-forward prefix state (and shifts that root's
+        positions). The default is :meth:`base_model`; encoder-decoders return each stack,
+        because ``generate()`` runs the encoder on its own.
+        """
+        return [self.base_model(model)]
+
+    def num_slots(self, model: nn.Module, config: PrefixTuningConfig, sites: Sequence[AttentionSite]) -> int:
+        """Slots in the prefix tensor (its ``num_layers``); the sites read a subset of ``0..num_slots-1``.
+
+        The default is one slot per distinct site slot. Layouts that keep slots no module reads
+        (PEFT's encoder-decoder layout) override it.
+        """
+        return len({site.layer for site in sites})
 
     def install_site_hooks(self, sites: list[AttentionSite], current_state: CurrentState, undo: UndoStack) -> None:
         """Install what delivers each site's prefix, pushing every removal onto ``undo``.
@@ -247,7 +278,8 @@ class ArchitectureAdapter:
         return torch.arange(start, start + inputs.seq_len, device=inputs.device).unsqueeze(0)  # (1, T)
 
 
-def _text_config(model: nn.Module) -> object:
+def text_config(model: nn.Module) -> Any:
+    """The model's text config (``config.get_text_config()`` where it exists, else ``config``)."""
     config = getattr(model, "config", None)
     if config is None:
         raise ValueError(f"{type(model).__name__} has no .config; expected a transformers PreTrainedModel")

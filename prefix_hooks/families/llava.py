@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from prefix_hooks.families._call import attention_module_of
 from prefix_hooks.families.base import ArchitectureAdapter, AttentionSite, CurrentState, ForwardCall
 
 if TYPE_CHECKING:
@@ -87,10 +86,9 @@ class TextTowerAdapter(ArchitectureAdapter):
         return _text_adapter(root).position_offset_error(root, offset)
 
     def offset_positions(self, call: ForwardCall, offset: int) -> None:
-        module = attention_module_of(call)
-        if module is None:
-            raise ValueError(f"{self.name}: the call carries no prefix state; cannot find the language model")
-        _text_adapter(module).offset_positions(call, offset)
+        if call.module is None:
+            raise ValueError(f"{self.name}: the call does not name its root module; cannot find the language model")
+        _text_adapter(call.module).offset_positions(call, offset)
 
 
 ADAPTER = TextTowerAdapter(name="llava", model_types=("llava",), attention_classes=())
