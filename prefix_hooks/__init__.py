@@ -6,6 +6,7 @@
 """
 
 from prefix_hooks.attachment import Attachment, attachments_of
+from prefix_hooks.compose import MultiAttachment, attach, register_method
 from prefix_hooks.config import PeftType, PrefixTuningConfig, TaskType
 from prefix_hooks.families import ArchitectureAdapter, UnsupportedModelError, register_family, supported
 from prefix_hooks.prefix import PrefixAttachment, attach_prefix
@@ -14,15 +15,18 @@ from prefix_hooks.prefix_encoder import PrefixEncoder
 __all__ = [
     "ArchitectureAdapter",
     "Attachment",
+    "MultiAttachment",
     "PeftType",
     "PrefixAttachment",
     "PrefixEncoder",
     "PrefixTuningConfig",
     "TaskType",
     "UnsupportedModelError",
+    "attach",
     "attach_prefix",
     "attachments_of",
     "register_family",
+    "register_method",
     "supported",
 ]
 

@@ -62,8 +62,18 @@ def attachments_of(model: nn.Module) -> list[Attachment]:
 
 
 def freeze_parameters(model: nn.Module, undo: UndoStack) -> None:
-    """Set ``requires_grad=False`` on every parameter of ``model``; undo restores each flag."""
-    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    """Set ``requires_grad=False`` on every base parameter of ``model``; undo restores each flag.
+
+    Parameters of the adapters already attached to ``model`` (their ``adapter_modules()``)
+    are left as they are, so methods attached together (prefix + LoRA) all stay trainable.
+    """
+    adapter_ids = {
+        id(parameter)
+        for attachment in attachments_of(model)
+        for module in attachment.adapter_modules()
+        for parameter in module.parameters()
+    }
+    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters() if id(parameter) not in adapter_ids]
 
     def restore() -> None:
         for parameter, flag in flags:
