@@ -1,0 +1,65 @@
+"""LoRA over bitsandbytes' quantised linear layers (QLoRA): ``Linear8bitLt`` and ``Linear4bit``.
+
+The base layer keeps computing its own quantised matmul; the adapter path runs in float32
+on the unquantised input, as in PEFT's ``lora.bnb`` layers::
+
+    y = base_layer(x) + B(A(dropout(x))) * scaling        # A: (r, in), B: (out, r), float32
+
+Parameter names and shapes are those of :class:`prefix_hooks.lora.layers.LoraLinear`, so
+PEFT QLoRA checkpoints load 1:1. Merging is not offered: folding a delta into a 4-/8-bit
+weight means dequantising, adding and quantising again, which changes the base weight by
+more than the delta and cannot be done in place; the unmerged forward is exact. Per-row
+adapter selection, dropout and several adapters work as for the other layers.
+
+Importing this module imports bitsandbytes; :func:`prefix_hooks.lora.layers.wrap_module`
+imports it only when it meets a bitsandbytes module.
+"""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+from torch import nn
+
+from prefix_hooks.lora.layers import LoraLayer, _LinearFactorsLayer
+
+QUANTIZED_TYPES: tuple[type[nn.Module], ...] = (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)
+"""The bitsandbytes layer types LoRA can wrap."""
+
+
+class _QuantizedLinearLayer(_LinearFactorsLayer):
+    """A Linear-shaped LoRA layer whose base weight is quantised (no merging)."""
+
+    def __init__(self, base_layer: nn.Linear) -> None:
+        super().__init__(base_layer)
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+
+    def _check_mergeable(self) -> None:
+        raise ValueError(
+            f"cannot merge LoRA into a bitsandbytes {type(self.base_layer).__name__}: the weight would have to be "
+            "dequantised and quantised again, which is lossy and not reversible in place; keep the adapter "
+            "unmerged (its forward is exact) or dequantise the model before merging"
+        )
+
+
+class LoraLinear8bitLt(_QuantizedLinearLayer):
+    """LoRA over ``bitsandbytes.nn.Linear8bitLt`` (LLM.int8())."""
+
+
+class LoraLinear4bit(_QuantizedLinearLayer):
+    """LoRA over ``bitsandbytes.nn.Linear4bit`` (NF4/FP4, QLoRA)."""
+
+
+def wrap_quantized(module: nn.Module) -> LoraLayer:
+    """Wrap a bitsandbytes ``Linear8bitLt`` or ``Linear4bit`` (no adapter yet).
+
+    Raises:
+        TypeError: any other bitsandbytes module.
+    """
+    if isinstance(module, bnb.nn.Linear8bitLt):
+        return LoraLinear8bitLt(module)
+    if isinstance(module, bnb.nn.Linear4bit):
+        return LoraLinear4bit(module)
+    raise TypeError(
+        f"LoRA cannot wrap bitsandbytes {type(module).__name__}; supported bitsandbytes types: Linear8bitLt, Linear4bit"
+    )
