@@ -9,12 +9,22 @@ from prefix_hooks.attachment import Attachment, attachments_of
 from prefix_hooks.compose import MultiAttachment, attach, register_method
 from prefix_hooks.config import PeftType, PrefixTuningConfig, TaskType
 from prefix_hooks.families import ArchitectureAdapter, UnsupportedModelError, register_family, supported
+from prefix_hooks.lora import (
+    LoraAttachment,
+    LoraConfig,
+    active_adapters,
+    adapter_rows,
+    attach_lora,
+    set_active_adapters,
+)
 from prefix_hooks.prefix import PrefixAttachment, attach_prefix
 from prefix_hooks.prefix_encoder import PrefixEncoder
 
 __all__ = [
     "ArchitectureAdapter",
     "Attachment",
+    "LoraAttachment",
+    "LoraConfig",
     "MultiAttachment",
     "PeftType",
     "PrefixAttachment",
@@ -22,12 +32,18 @@ __all__ = [
     "PrefixTuningConfig",
     "TaskType",
     "UnsupportedModelError",
+    "active_adapters",
+    "adapter_rows",
     "attach",
+    "attach_lora",
     "attach_prefix",
     "attachments_of",
     "register_family",
     "register_method",
+    "set_active_adapters",
     "supported",
 ]
 
 __version__ = "0.1.0"
+
+register_method(LoraConfig, attach_lora)

@@ -64,15 +64,13 @@ def attachments_of(model: nn.Module) -> list[Attachment]:
 def freeze_parameters(model: nn.Module, undo: UndoStack) -> None:
     """Set ``requires_grad=False`` on every base parameter of ``model``; undo restores each flag.
 
-    Parameters of the adapters already attached to ``model`` (their ``adapter_modules()``)
-    are left as they are, so methods attached together (prefix + LoRA) all stay trainable.
+    Parameters of the adapters already attached to ``model`` (their ``adapter_modules()``
+    and ``trained_base_parameters()``) are left as they are, so methods attached together
+    (prefix + LoRA) all stay trainable.
     """
-    adapter_ids = {
-        id(parameter)
-        for attachment in attachments_of(model)
-        for module in attachment.adapter_modules()
-        for parameter in module.parameters()
-    }
+    attached = attachments_of(model)
+    adapter_ids = {id(parameter) for attachment in attached for parameter in attachment.parameters()}
+    adapter_ids |= {id(parameter) for attachment in attached for parameter in attachment.trained_base_parameters()}
     flags = [(parameter, parameter.requires_grad) for parameter in model.parameters() if id(parameter) not in adapter_ids]
 
     def restore() -> None:
@@ -138,6 +136,11 @@ class Attachment(abc.ABC):
     @abc.abstractmethod
     def adapter_modules(self) -> list[nn.Module]:
         """The modules holding this adapter's parameters."""
+
+    def trained_base_parameters(self) -> list[nn.Parameter]:
+        """Base parameters this adapter makes trainable while attached (e.g. LoRA's biases);
+        other methods attached later leave them trainable."""
+        return []
 
     # --- lifecycle ----------------------------------------------------------------
     @property

@@ -49,6 +49,7 @@ class PeftType(str, enum.Enum):
     """Adapter method names, as PEFT spells them in ``adapter_config.json``."""
 
     PREFIX_TUNING = "PREFIX_TUNING"
+    LORA = "LORA"
 
 
 def _check_positive_int(name: str, value: object, *, allow_none: bool = True) -> None:

@@ -7,7 +7,7 @@ import torch
 from test_lifecycle import assert_untouched, snapshot, warm_up
 from tiny_models import build_model, random_batch
 
-from prefix_hooks import PrefixTuningConfig, attach, attach_prefix
+from prefix_hooks import LoraConfig, PrefixTuningConfig, attach, attach_lora, attach_prefix
 from prefix_hooks.compose import MultiAttachment
 
 
@@ -86,3 +86,51 @@ def test_detach_restores_everything() -> None:
         model(**random_batch(1, 4)).logits.sum().backward()
     assert not handle.parts[0].is_attached
     assert_untouched(model, before)
+
+
+def test_prefix_and_lora_in_one_block() -> None:
+    """Both parts train, and together they compute the prefix over the LoRA-merged weights.
+
+    Oracle: a second copy of the model whose LoRA is baked into its weights, with only the
+    same prefix attached."""
+    model, oracle = build_model("llama", seed=0), build_model("llama", seed=0)
+    batch = random_batch(2, 6, seed=1, left_pad=[0, 2])
+    prefix_config = PrefixTuningConfig(num_virtual_tokens=3)
+    lora_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    grouped = attach(model, prefix_config, lora_config)
+    prefix_part, lora_part = grouped.parts
+    _randomise(prefix_part)
+    _randomise(lora_part)
+    with grouped:
+        got = _logits(model, batch)
+        loss = model(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert all(p.grad is not None for p in prefix_part.parameters())
+    assert all(p.grad is not None for p in lora_part.parameters())
+    assert trainable == {id(p) for p in [*prefix_part.parameters(), *lora_part.parameters()]}
+
+    oracle_lora = attach_lora(oracle, lora_config)
+    with torch.no_grad():
+        for (_, mine), (_, theirs) in zip(oracle_lora.named_parameters(), lora_part.named_parameters(), strict=True):
+            mine.copy_(theirs)
+    oracle_lora.attach()
+    oracle_lora.bake()
+    oracle_prefix = attach_prefix(oracle, prefix_config)
+    oracle_prefix.encoder.load_state_dict(prefix_part.encoder.state_dict())  # type: ignore[attr-defined]
+    with oracle_prefix:
+        want = _logits(oracle, batch)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_prefix_attached_later_keeps_lora_biases_trainable() -> None:
+    model = build_model("gpt2")
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    with attach_lora(model, LoraConfig(r=2, target_modules=["c_attn"], bias="lora_only")) as lora:
+        biases = lora.trained_base_parameters()
+        assert biases and all(bias.requires_grad for bias in biases)
+        with attach_prefix(model, PrefixTuningConfig(num_virtual_tokens=2)):
+            assert all(bias.requires_grad for bias in biases)
+        assert all(bias.requires_grad for bias in biases)
+    assert lora.trained_base_parameters() == []
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags

@@ -99,6 +99,7 @@ class LoraAttachment(Attachment):
         trainable = not config.inference_mode
         self._targets = [self._build_target(_Place.of(name, modules[name])) for name in names]
         self._saved: list[tuple[_Place, nn.Module]] = []
+        self._biases: list[nn.Parameter] = []  # base biases trained while attached (bias="all"/"lora_only")
         for name in saved:
             original = modules[name]
             duplicate = copy.deepcopy(original)
@@ -232,7 +233,9 @@ class LoraAttachment(Attachment):
             wrapper.add_copy(name, duplicate)
             undo.push(_bound(wrapper.remove_copy, name))
             swaps.match_training(wrapper, place.original)
-        state.make_trainable(self._trainable_biases(), undo)
+        self._biases = self._trainable_biases()
+        undo.push(self._biases.clear)
+        state.make_trainable(self._biases, undo)
         state.active.append(name)
         if self._disabled_depth:  # attached inside its own disabled() block
             state.disabled[name] = self._disabled_depth
@@ -247,6 +250,10 @@ class LoraAttachment(Attachment):
         undo.push(leave_active)
         state.refresh()
         undo.push(self._unmerge_on_detach)
+
+    def trained_base_parameters(self) -> list[nn.Parameter]:
+        """The base biases this adapter trains (``bias="all"``/``"lora_only"``) while attached."""
+        return list(self._biases)
 
     def _trainable_biases(self) -> list[nn.Parameter]:
         if self.config.bias == "lora_only":

@@ -16,13 +16,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from prefix_hooks.config import TaskType
+from prefix_hooks.config import PeftType, TaskType
 
 ALL_LINEAR = "all-linear"
 """``target_modules`` shorthand (case-insensitive, as PEFT): every Linear / Conv1D but the output head."""
 
 BIAS_MODES = ("none", "all", "lora_only")
-LORA_PEFT_TYPE = "LORA"
+LORA_PEFT_TYPE = PeftType.LORA
 
 
 def _is_int(value: object) -> bool:
@@ -164,7 +164,7 @@ class LoraConfig:
     modules_to_save: list[str] | set[str] | tuple[str, ...] | None = None
     task_type: TaskType | str | None = None
     inference_mode: bool = False
-    peft_type: str = LORA_PEFT_TYPE
+    peft_type: PeftType | str = LORA_PEFT_TYPE
     base_model_name_or_path: str | None = None
     revision: str | None = None
 
@@ -211,7 +211,7 @@ class LoraConfig:
             modules_to_save = list(dict.fromkeys(ordered))
         task_type = self._checked_task_type()
         if self.peft_type != LORA_PEFT_TYPE:
-            raise ValueError(f"peft_type={self.peft_type!r} is not accepted; expected {LORA_PEFT_TYPE!r}")
+            raise ValueError(f"peft_type={self.peft_type!r} is not accepted; expected {LORA_PEFT_TYPE.value!r}")
         for name in ("base_model_name_or_path", "revision"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
@@ -225,7 +225,7 @@ class LoraConfig:
         self.alpha_pattern = alpha_pattern
         self.modules_to_save = modules_to_save
         self.task_type = task_type
-        self.peft_type = str(self.peft_type)
+        self.peft_type = PeftType.LORA
 
     def _checked_layers_to_transform(self) -> list[int] | int | None:
         value = self.layers_to_transform
