@@ -19,9 +19,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import peft
+import torch
 from torch import nn
 
-from prefix_hooks import Attachment, PrefixAttachment, PrefixTuningConfig, attach_prefix
+from prefix_hooks import (
+    Attachment,
+    LoraAttachment,
+    LoraConfig,
+    PrefixAttachment,
+    PrefixTuningConfig,
+    attach_lora,
+    attach_prefix,
+)
+from prefix_hooks.attachment import UndoStack
 
 NUM_VIRTUAL_TOKENS = 20
 
@@ -45,6 +55,7 @@ class Method:
         peft_config: a fresh PEFT config for the same adapter.
         match_peft: makes a PEFT model compute what our handle computes (copies weights).
         unwrap_peft: undoes ``get_peft_model`` and returns the base model.
+        trains: whether the training-step scenarios apply (not to merged adapters).
     """
 
     name: str
@@ -52,6 +63,7 @@ class Method:
     peft_config: Callable[[], peft.PeftConfig]
     match_peft: Callable[[Attachment, peft.PeftModel], None]
     unwrap_peft: Callable[[peft.PeftModel], nn.Module] = unwrap_prompt_learning
+    trains: bool = True
 
     def build_peft(self, model: nn.Module, handle: Attachment) -> peft.PeftModel:
         """Wrap ``model`` (an instance of its own, it is mutated) with PEFT, weights equal to ``handle``'s."""
@@ -98,3 +110,83 @@ def prefix_tuning(name: str, prefix_projection: bool) -> Method:
 
 register(prefix_tuning(f"prefix P={NUM_VIRTUAL_TOKENS}", prefix_projection=False))
 register(prefix_tuning(f"prefix P={NUM_VIRTUAL_TOKENS} + projection", prefix_projection=True))
+
+
+# --- LoRA -----------------------------------------------------------------------------
+LORA_RANK = 8
+LORA_SEED = 7
+
+
+class MergedLora(Attachment):
+    """A LoRA handle that is merged into the base weights on every attach (unmerged on detach)."""
+
+    def __init__(self, lora: LoraAttachment) -> None:
+        super().__init__(lora.model, lora.adapter_name)
+        self.lora = lora
+
+    def _check_can_attach(self) -> None:
+        if self.lora.is_attached:
+            raise RuntimeError("the LoRA handle is already attached on its own")
+
+    def _install(self, undo: UndoStack) -> None:
+        self.lora.attach()
+        undo.push(self.lora.detach)
+        self.lora.merge()
+        undo.push(self.lora.unmerge)
+
+    def adapter_modules(self) -> list[nn.Module]:
+        return self.lora.adapter_modules()
+
+
+def _lora(model: nn.Module) -> LoraAttachment:
+    """LoRA r=8 on the family's default targets, B drawn non-zero so that the adapter changes the logits."""
+    handle = attach_lora(model, LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK))
+    generator = torch.Generator().manual_seed(LORA_SEED)
+    with torch.no_grad():
+        for name, parameter in sorted(handle.named_parameters()):
+            if "lora_B" in name:
+                parameter.copy_(0.02 * torch.randn(parameter.shape, generator=generator))
+    return handle
+
+
+def copy_lora_weights(handle: Attachment, peft_model: peft.PeftModel) -> None:
+    """Load our LoRA factors into PEFT's model: the attached state-dict keys are PEFT's minus its prefix."""
+    lora = handle.lora if isinstance(handle, MergedLora) else handle
+    if not isinstance(lora, LoraAttachment):
+        raise TypeError(f"expected a LoraAttachment, got {type(handle).__name__}")
+    with lora:
+        ours = {f"base_model.model.{key}": value.clone() for key, value in lora.model.state_dict().items() if "lora_" in key}
+    missing, _ = peft_model.load_state_dict(ours, strict=False)
+    not_loaded = [key for key in missing if "lora_" in key]
+    if not_loaded:
+        raise KeyError(f"PEFT's LoRA factors not found among ours: {not_loaded[:3]}")
+
+
+def _lora_peft_config() -> peft.PeftConfig:
+    return peft.LoraConfig(task_type="CAUSAL_LM", r=LORA_RANK, lora_alpha=2 * LORA_RANK)
+
+
+def _merged_peft(handle: Attachment, peft_model: peft.PeftModel) -> None:
+    copy_lora_weights(handle, peft_model)
+    peft_model.merge_adapter()
+
+
+register(
+    Method(
+        name=f"lora r={LORA_RANK}",
+        ours=_lora,
+        peft_config=_lora_peft_config,
+        match_peft=copy_lora_weights,
+        unwrap_peft=lambda peft_model: peft_model.unload(),
+    )
+)
+register(
+    Method(
+        name=f"lora r={LORA_RANK} merged",
+        ours=lambda model: MergedLora(_lora(model)),
+        peft_config=_lora_peft_config,
+        match_peft=_merged_peft,
+        unwrap_peft=lambda peft_model: peft_model.unload(),
+        trains=False,
+    )
+)

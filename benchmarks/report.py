@@ -166,6 +166,16 @@ def methodology(workload: Workload, method_names: list[str]) -> str:
             ),
             "- Models: sdpa attention, float32, eval mode except in the training step; base parameters frozen.",
             (
+                "- LoRA: r=8, alpha=16, the family's default targets (PEFT's: q_proj/v_proj for llama, c_attn for gpt2), "
+                "B drawn non-zero so that the adapter changes the logits; PEFT loads our factors by state-dict key. "
+                "`merged` merges on every attach (`handle.merge()`, PEFT's `merge_adapter()`) and is not trained."
+            ),
+            (
+                f"- LoRA on the meta skeleton: a llama of {workload.skeleton[0]} layers, {workload.skeleton[1]} wide, "
+                "built on the meta device (no weights); ours is `attach_lora(model, LoraConfig(r=8, "
+                "target_modules='all-linear'))` entered and left, PEFT's is `get_peft_model(...)` then `unload()`."
+            ),
+            (
                 f"- Timing: `time.perf_counter`, {workload.warmup} warm-up run(s) of every contender, then "
                 f"{workload.repeats} rounds (attach: {workload.attach_repeats}); each round runs every contender once, "
                 "the starting contender rotating from round to round; medians are reported."

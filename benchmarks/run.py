@@ -41,13 +41,16 @@ from benchmarks.scenarios import (
     attach_detach,
     forward_latency,
     generation,
+    lora_on_meta_skeleton,
     parity,
     training_step,
 )
 
 FULL = Workload(batch=4, seq_len=128, prompt_lens=(32, 1024), new_tokens=64, repeats=5, warmup=1, attach_repeats=50)
 SCENARIOS = ("attach", "forward", "train", "generate")
-QUICK = Workload(batch=2, seq_len=16, prompt_lens=(8, 32), new_tokens=4, repeats=2, warmup=1, attach_repeats=5)
+QUICK = Workload(
+    batch=2, seq_len=16, prompt_lens=(8, 32), new_tokens=4, repeats=2, warmup=1, attach_repeats=5, skeleton=(2, 128)
+)
 
 
 @dataclass(frozen=True)
@@ -120,7 +123,8 @@ def benchmark_model(
         rows += forward_latency(contenders, workload)
         done("forward")
     if "train" in scenarios:
-        rows += training_step(contenders, workload)
+        trained = [name for name, method in methods.items() if method.trains]
+        rows += training_step(contenders.only(trained), workload)
         done("training step")
     if "generate" in scenarios:
         for prompt_len in workload.prompt_lens:
@@ -180,6 +184,9 @@ def main(argv: Sequence[str] | None = None) -> Report:
             model_rows, model_checks = benchmark_model(spec, METHODS, workload, args.scenarios or SCENARIOS)
             rows += model_rows
             checks.update({(spec.name, method): check for method, check in model_checks.items()})
+        if args.scenarios is None or "attach" in args.scenarios:
+            rows += lora_on_meta_skeleton(workload)
+            _log("  LoRA on the meta skeleton done")
         seconds = time.perf_counter() - start
         markdown = render(environment, rows, checks, workload, argv, seconds)
     finally:

@@ -15,12 +15,12 @@ from typing import NamedTuple
 import peft
 import torch
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import AutoModelForCausalLM, GenerationMixin, LlamaConfig, PreTrainedModel
 
 from benchmarks.measure import Measure, Operation, Sample, elapsed_seconds, interleave, peak_allocated_bytes, sample
 from benchmarks.methods import Method
 from benchmarks.models import PAD_TOKEN_ID, random_tokens
-from prefix_hooks import Attachment
+from prefix_hooks import Attachment, LoraConfig, attach_lora
 
 INPUT_SEED = 1
 LEARNING_RATE = 1e-3
@@ -39,6 +39,8 @@ class Workload:
     repeats: int
     warmup: int
     attach_repeats: int
+    skeleton: tuple[int, int] = (32, 4096)
+    """Layers and width of the meta-device llama that LoRA is attached to in :func:`lora_on_meta_skeleton`."""
 
 
 CausalLM = PreTrainedModel | peft.PeftModel
@@ -107,6 +109,15 @@ class Contenders:
 
     def all_models(self) -> list[CausalLM]:
         return [self.base, *self.peft_models.values()]
+
+    def only(self, names: list[str]) -> Contenders:
+        """The same contenders restricted to the methods ``names``."""
+        return Contenders(
+            self.model_name,
+            self.base,
+            {name: self.handles[name] for name in names},
+            {name: self.peft_models[name] for name in names},
+        )
 
 
 OperationFactory = Callable[[CausalLM, list[nn.Parameter]], Operation]
@@ -377,3 +388,38 @@ def attach_detach(
         *rows_from(model_name, recorded, "attach + detach", "ms", milliseconds),
         *rows_from(model_name, recorded, "build + attach + detach", "ms", milliseconds, ours_kind="ours+build"),
     ]
+
+
+# --- 4b. LoRA on a large skeleton ---------------------------------------------------------
+SKELETON_REPEATS = 5
+
+
+def lora_on_meta_skeleton(workload: Workload) -> list[Row]:
+    """Build + attach + detach of LoRA r=8 on every linear layer of a llama skeleton on the meta
+    device (no weights allocated), against ``get_peft_model`` + ``unload()``, in ms."""
+    layers, width = workload.skeleton
+    config = LlamaConfig(
+        hidden_size=width,
+        intermediate_size=width * 11 // 4,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, width // 128),
+        vocab_size=32000,
+    )
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+
+    def ours() -> None:
+        with attach_lora(model, LoraConfig(r=8, target_modules="all-linear")):
+            pass
+
+    def theirs() -> None:
+        peft_config = peft.LoraConfig(r=8, target_modules="all-linear", task_type="CAUSAL_LM")
+        peft.get_peft_model(model, peft_config).unload()
+
+    samples = {
+        Contender("ours", "lora r=8 all-linear"): sample(elapsed_seconds, ours),
+        Contender("peft", "lora r=8 all-linear"): sample(elapsed_seconds, theirs),
+    }
+    recorded = interleave(samples, SKELETON_REPEATS, warmup=1)
+    name = f"llama {layers}×{width} (meta)"
+    return rows_from(name, recorded, "build + attach + detach", "ms", milliseconds)
