@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import peft
 import torch
@@ -24,12 +25,19 @@ from torch import nn
 
 from prefix_hooks import (
     Attachment,
+    IA3Attachment,
+    IA3Config,
     LoraAttachment,
     LoraConfig,
     PrefixAttachment,
     PrefixTuningConfig,
+    PromptAttachment,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    attach_ia3,
     attach_lora,
     attach_prefix,
+    attach_prompt,
 )
 from prefix_hooks.attachment import UndoStack
 
@@ -188,5 +196,66 @@ register(
         match_peft=_merged_peft,
         unwrap_peft=lambda peft_model: peft_model.unload(),
         trains=False,
+    )
+)
+
+
+# --- prompt tuning and P-tuning -------------------------------------------------------------
+def copy_prompt_module(handle: Attachment, peft_model: peft.PeftModel) -> None:
+    """Load our prompt module into PEFT's ``prompt_encoder`` (the same attribute names)."""
+    if not isinstance(handle, PromptAttachment):
+        raise TypeError(f"expected a PromptAttachment, got {type(handle).__name__}")
+    peft_model.prompt_encoder["default"].load_state_dict(handle.prompt_encoder.state_dict())
+
+
+register(
+    Method(
+        name=f"prompt tuning P={NUM_VIRTUAL_TOKENS}",
+        ours=lambda model: attach_prompt(model, PromptTuningConfig(num_virtual_tokens=NUM_VIRTUAL_TOKENS)),
+        peft_config=lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=NUM_VIRTUAL_TOKENS),
+        match_peft=copy_prompt_module,
+    )
+)
+register(
+    Method(
+        name=f"p-tuning P={NUM_VIRTUAL_TOKENS} mlp",
+        ours=lambda model: attach_prompt(model, PromptEncoderConfig(num_virtual_tokens=NUM_VIRTUAL_TOKENS)),
+        peft_config=lambda: peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=NUM_VIRTUAL_TOKENS),
+        match_peft=copy_prompt_module,
+    )
+)
+
+
+# --- IA3 ------------------------------------------------------------------------------
+IA3_SEED = 11
+
+
+def _ia3(model: nn.Module) -> IA3Attachment:
+    """IA3 on the family's default targets, vectors drawn around 1 so that the adapter changes the logits."""
+    handle = attach_ia3(model, IA3Config())
+    generator = torch.Generator().manual_seed(IA3_SEED)
+    with torch.no_grad():
+        for _name, parameter in sorted(handle.named_parameters()):
+            parameter.copy_(1 + 0.1 * torch.randn(parameter.shape, generator=generator))
+    return handle
+
+
+def copy_ia3_vectors(handle: Attachment, peft_model: peft.PeftModel) -> None:
+    """Load our IA3 vectors into PEFT's model by PEFT's checkpoint keys."""
+    if not isinstance(handle, IA3Attachment):
+        raise TypeError(f"expected an IA3Attachment, got {type(handle).__name__}")
+    result: Any = peft.set_peft_model_state_dict(peft_model, handle.peft_state_dict())  # (missing, unexpected)
+    not_loaded = [key for key in result.missing_keys if "ia3_" in key]
+    if not_loaded:
+        raise KeyError(f"PEFT's IA3 vectors not found among ours: {not_loaded[:3]}")
+
+
+register(
+    Method(
+        name="ia3",
+        ours=_ia3,
+        peft_config=lambda: peft.IA3Config(task_type="CAUSAL_LM"),
+        match_peft=copy_ia3_vectors,
+        unwrap_peft=lambda peft_model: peft_model.unload(),
     )
 )

@@ -171,6 +171,13 @@ def methodology(workload: Workload, method_names: list[str]) -> str:
                 "`merged` merges on every attach (`handle.merge()`, PEFT's `merge_adapter()`) and is not trained."
             ),
             (
+                "- Prompt tuning and P-tuning (MLP head): 20 virtual tokens in front of the input; PEFT's `prompt_encoder` "
+                "loads our module's state dict. PEFT returns logits for the virtual positions too; the parity check "
+                "compares the real positions. IA3: the family's default targets (keys, values and the MLP's down "
+                "projection), vectors drawn around 1 so that the adapter changes the logits; PEFT loads them by its "
+                "checkpoint keys."
+            ),
+            (
                 f"- LoRA on the meta skeleton: a llama of {workload.skeleton[0]} layers, {workload.skeleton[1]} wide, "
                 "built on the meta device (no weights); ours is `attach_lora(model, LoraConfig(r=8, "
                 "target_modules='all-linear'))` entered and left, PEFT's is `get_peft_model(...)` then `unload()`."

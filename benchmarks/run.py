@@ -6,6 +6,7 @@ Usage, from the repository root::
     python -m benchmarks.run --quick                  # smoke run: tiny models, under a minute
     python -m benchmarks.run --output BENCHMARKS.md   # also write the results file
     python -m benchmarks.run --scenarios generate --repeats 15   # only some scenarios, more rounds
+    python -m benchmarks.run --methods ia3 "prompt tuning P=20"  # only some methods
 """
 
 from __future__ import annotations
@@ -76,6 +77,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         nargs="+",
         choices=[spec.name for spec in model_specs(quick=False)],
         help="only these models (default: all)",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(METHODS),
+        metavar="METHOD",
+        help=f"only these methods (default: all): {', '.join(repr(name) for name in METHODS)}",
     )
     parser.add_argument(
         "--scenarios",
@@ -152,7 +160,7 @@ def render(
                 "## Results",
                 markdown_table(rows),
                 "## How it was measured",
-                methodology(workload, list(METHODS)),
+                methodology(workload, list(dict.fromkeys(method for _model, method in checks)) or list(METHODS)),
                 "## Parity (same weights, same function)",
                 parity_section(checks),
             ]
@@ -181,7 +189,8 @@ def main(argv: Sequence[str] | None = None) -> Report:
         rows: list[Row] = []
         checks: dict[tuple[str, str], Parity] = {}
         for spec in specs:
-            model_rows, model_checks = benchmark_model(spec, METHODS, workload, args.scenarios or SCENARIOS)
+            methods = {name: method for name, method in METHODS.items() if args.methods is None or name in args.methods}
+            model_rows, model_checks = benchmark_model(spec, methods, workload, args.scenarios or SCENARIOS)
             rows += model_rows
             checks.update({(spec.name, method): check for method, check in model_checks.items()})
         if args.scenarios is None or "attach" in args.scenarios:

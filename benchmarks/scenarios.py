@@ -81,14 +81,22 @@ class Row:
     unit: str
     base: float | None
     ours: float
-    peft: float
+    peft: float | None
     ours_base: Ratio | None
     peft_base: Ratio | None
-    ours_peft: Ratio
+    ours_peft: Ratio | None
+
+
+NOISE_FLOOR = "A/A: base again"
+"""Method label of the control row: the base model measured twice per round, as two contenders.
+
+Its ratio to the base is 1 by construction, so its median's distance from 1 and its
+interquartile range show how far this run's ratios can be trusted (the noise floor)."""
 
 
 class Contender(NamedTuple):
-    """Who runs: ``kind`` is ``"base"``, ``"ours"``, ``"ours+build"`` or ``"peft"``; no ``method`` for the base."""
+    """Who runs: ``kind`` is ``"base"``, ``"base again"`` (the A/A control), ``"ours"``,
+    ``"ours+build"`` or ``"peft"``; no ``method`` for the base."""
 
     kind: str
     method: str = ""
@@ -127,9 +135,11 @@ Bound = tuple[Operation, Attachment | None]
 
 
 def contender_operations(contenders: Contenders, factory: OperationFactory) -> dict[Contender, Bound]:
-    """The same operation for the base, each of our handles and each PEFT model, in that order."""
+    """The same operation for the base, the base again (the A/A control, see :data:`NOISE_FLOOR`),
+    each of our handles and each PEFT model, in that order."""
     base = contenders.base
     operations: dict[Contender, Bound] = {Contender("base"): (factory(base, []), None)}
+    operations[Contender("base again")] = (factory(base, []), None)
     for name, handle in contenders.handles.items():
         operations[Contender("ours", name)] = (factory(base, list(handle.parameters())), handle)
         peft_model = contenders.peft_models[name]
@@ -161,6 +171,22 @@ def rows_from(
     base = values.get(Contender("base"))
     methods = [contender.method for contender in recorded if contender.kind == "peft"]
     rows = []
+    again = values.get(Contender("base again"))
+    if base is not None and again is not None:
+        rows.append(
+            Row(
+                model_name,
+                scenario,
+                NOISE_FLOOR,
+                unit,
+                base=statistics.median(base),
+                ours=statistics.median(again),
+                peft=None,
+                ours_base=Ratio.paired(again, base),
+                peft_base=None,
+                ours_peft=None,
+            )
+        )
     for name in methods:
         ours, theirs = values[Contender(ours_kind, name)], values[Contender("peft", name)]
         rows.append(
@@ -211,7 +237,8 @@ def parity(contenders: Contenders, workload: Workload) -> dict[str, Parity]:
     for name, handle in contenders.handles.items():
         with handle:
             ours = contenders.base(input_ids=input_ids).logits  # (B, T, V)
-        theirs = contenders.peft_models[name](input_ids=input_ids).logits  # (B, T, V)
+        theirs = contenders.peft_models[name](input_ids=input_ids).logits  # (B, [P +] T, V)
+        theirs = theirs[:, theirs.shape[1] - ours.shape[1] :]  # PEFT keeps the virtual tokens' logits
         result = Parity(gap=(ours - theirs).abs().max().item(), effect=(ours - base).abs().max().item())
         where = f"{contenders.model_name}/{name}"
         assert result.gap < PARITY_ATOL, f"{where}: ours and PEFT differ by {result.gap}"
@@ -292,7 +319,8 @@ def training_step(contenders: Contenders, workload: Workload) -> list[Row]:
     operations = contender_operations(contenders, training_step_factory(input_ids))
     with train_mode(contenders):
         times = interleave(measured(operations, elapsed_seconds), workload.repeats, workload.warmup)
-        peaks = interleave(measured(operations, peak_allocated_bytes), repeats=1, warmup=0)
+        once = {contender: bound for contender, bound in operations.items() if contender.kind != "base again"}
+        peaks = interleave(measured(once, peak_allocated_bytes), repeats=1, warmup=0)  # deterministic: no control
     scenario = f"train step {workload.batch}×{workload.seq_len}"
     return [
         *rows_from(contenders.model_name, times, scenario, "ms", milliseconds),

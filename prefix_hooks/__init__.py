@@ -3,12 +3,16 @@
 >>> from prefix_hooks import attach_prefix, PrefixTuningConfig
 >>> with attach_prefix(model, PrefixTuningConfig(num_virtual_tokens=20)) as handle:
 ...     ...  # unchanged pipeline code
+
+Methods: prefix tuning (:func:`attach_prefix`), LoRA (:func:`attach_lora`), prompt tuning and
+P-tuning (:func:`attach_prompt`), IA3 (:func:`attach_ia3`); several at once with :func:`attach`.
 """
 
 from prefix_hooks.attachment import Attachment, attachments_of
 from prefix_hooks.compose import MultiAttachment, attach, register_method
 from prefix_hooks.config import PeftType, PrefixTuningConfig, TaskType
 from prefix_hooks.families import ArchitectureAdapter, UnsupportedModelError, register_family, supported
+from prefix_hooks.ia3 import IA3Attachment, IA3Config, attach_ia3
 from prefix_hooks.lora import (
     LoraAttachment,
     LoraConfig,
@@ -19,10 +23,21 @@ from prefix_hooks.lora import (
 )
 from prefix_hooks.prefix import PrefixAttachment, attach_prefix
 from prefix_hooks.prefix_encoder import PrefixEncoder
+from prefix_hooks.prompt import (
+    PromptAttachment,
+    PromptEmbedding,
+    PromptEncoder,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    PromptTuningInit,
+    attach_prompt,
+)
 
 __all__ = [
     "ArchitectureAdapter",
     "Attachment",
+    "IA3Attachment",
+    "IA3Config",
     "LoraAttachment",
     "LoraConfig",
     "MultiAttachment",
@@ -30,13 +45,21 @@ __all__ = [
     "PrefixAttachment",
     "PrefixEncoder",
     "PrefixTuningConfig",
+    "PromptAttachment",
+    "PromptEmbedding",
+    "PromptEncoder",
+    "PromptEncoderConfig",
+    "PromptTuningConfig",
+    "PromptTuningInit",
     "TaskType",
     "UnsupportedModelError",
     "active_adapters",
     "adapter_rows",
     "attach",
+    "attach_ia3",
     "attach_lora",
     "attach_prefix",
+    "attach_prompt",
     "attachments_of",
     "register_family",
     "register_method",
@@ -47,3 +70,6 @@ __all__ = [
 __version__ = "0.1.0"
 
 register_method(LoraConfig, attach_lora)
+register_method(PromptTuningConfig, attach_prompt)
+register_method(PromptEncoderConfig, attach_prompt)
+register_method(IA3Config, attach_ia3)

@@ -50,6 +50,9 @@ class PeftType(str, enum.Enum):
 
     PREFIX_TUNING = "PREFIX_TUNING"
     LORA = "LORA"
+    PROMPT_TUNING = "PROMPT_TUNING"
+    P_TUNING = "P_TUNING"
+    IA3 = "IA3"
 
 
 def _check_positive_int(name: str, value: object, *, allow_none: bool = True) -> None:

@@ -181,7 +181,14 @@ class PrefixAttachment(Attachment):
             )
 
     def _check_can_attach(self) -> None:
+        from prefix_hooks.prompt.attachment import PromptAttachment  # late: that module imports this one
+
         for other in attachments_of(self.model):
+            if isinstance(other, PromptAttachment):
+                raise RuntimeError(
+                    f"the model already carries the prompt adapter {other.adapter_name!r}; a prefix cannot be "
+                    "combined with prompt tuning or P-tuning. Detach it first"
+                )
             if isinstance(other, PrefixAttachment):
                 raise RuntimeError(
                     f"the model already carries the prefix {other.adapter_name!r}; prefixes do not stack. "

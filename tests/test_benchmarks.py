@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/ i
 from benchmarks.methods import METHODS
 from benchmarks.report import COLUMNS, format_ratio
 from benchmarks.run import QUICK, main
-from benchmarks.scenarios import Ratio
+from benchmarks.scenarios import NOISE_FLOOR, Ratio
 
 MODELS = ("llama", "gpt2")
 SCENARIOS = (
@@ -28,6 +28,10 @@ SCENARIOS = (
 )
 NO_BASE = frozenset({"attach + detach", "build + attach + detach"})
 """Scenarios without a base-model column."""
+CONTROLLED = tuple(
+    scenario for scenario in SCENARIOS if scenario not in NO_BASE and not scenario.endswith("peak memory")
+)
+"""Timed scenarios with a base model: they carry the A/A noise-floor row."""
 NUMBER_COLUMNS = ("base", "prefix_hooks", "PEFT", "ours/base", "PEFT/base", "ours/PEFT")
 
 
@@ -56,6 +60,7 @@ def test_every_scenario_and_method_has_a_row(quick_markdown: str) -> None:
         for name, method in METHODS.items()
         if method.trains or not scenario.startswith("train step")
     ]
+    expected += [(model, scenario, NOISE_FLOOR) for model in MODELS for scenario in CONTROLLED]
     layers, width = QUICK.skeleton
     expected.append((f"llama {layers}×{width} (meta)", "build + attach + detach", "lora r=8 all-linear"))
     assert sorted(keys) == sorted(expected)
@@ -66,6 +71,9 @@ def test_numbers_are_finite_and_positive(quick_markdown: str) -> None:
         for column in NUMBER_COLUMNS:
             if row["scenario"] in NO_BASE and column in ("base", "ours/base", "PEFT/base"):
                 assert row[column] == "—", row
+                continue
+            if row["method"] == NOISE_FLOOR and column in ("PEFT", "PEFT/base", "ours/PEFT"):
+                assert row[column] == "—", row  # the control has no PEFT counterpart
                 continue
             value = float(row[column].split(" ")[0])  # a ratio cell may add its quartiles: "1.01 (0.98–1.03)"
             assert math.isfinite(value) and value > 0, (column, row)
@@ -99,6 +107,13 @@ def test_paired_ratio_is_the_median_of_per_round_ratios() -> None:
 def test_scenario_filter_runs_only_those() -> None:
     report = main(["--quick", "--repeats", "1", "--threads", "1", "--models", "gpt2", "--scenarios", "attach"])
     assert {row.scenario for row in report.rows} == {"attach + detach", "build + attach + detach"}
+
+
+def test_method_filter_runs_only_those() -> None:
+    name = next(iter(METHODS))
+    report = main(["--quick", "--repeats", "1", "--threads", "1", "--models", "gpt2", "--scenarios", "forward",
+                   "--methods", name])
+    assert {row.method for row in report.rows} == {name, NOISE_FLOOR}
 
 
 def test_thread_count_is_restored() -> None:

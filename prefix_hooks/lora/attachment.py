@@ -346,8 +346,8 @@ class LoraAttachment(Attachment):
         as copies. Per-row selection is refused while merged.
 
         Raises:
-            RuntimeError: not attached, or the adapter is not active or disabled (a merged
-                adapter always applies).
+            RuntimeError: not attached, the adapter is not active or disabled (a merged
+                adapter always applies), or a target's weight holds a merged (IA)^3 vector.
         """
         with swaps.lock:
             layers = self._layers()
@@ -360,9 +360,23 @@ class LoraAttachment(Attachment):
                     f"LoRA adapter {self.adapter_name!r} is not active (active: {state.effective_active()}); "
                     "a merged adapter always applies, so activate it before merging"
                 )
+            self._check_no_merged_ia3(layers)
             for layer in layers:
                 layer.merge([self.adapter_name])
             self._merged = True
+
+    @staticmethod
+    def _check_no_merged_ia3(layers: Sequence[LoraLayer]) -> None:
+        from prefix_hooks.ia3 import scaling  # late: IA3 imports LoRA
+
+        for layer in layers:
+            found = scaling.scaling_of(layer.base_layer)
+            if found is not None and any(entry.merged for entry in found.entries):
+                raise RuntimeError(
+                    f"the weight of {type(layer.base_layer).__name__} {id(layer.base_layer):#x} holds a merged (IA)^3 "
+                    "vector; unmerge the (IA)^3 adapter before merging LoRA into the same module (each restores the "
+                    "weight it saw)"
+                )
 
     def unmerge(self) -> None:
         """Take this adapter out of the base weights (no-op when it is not merged)."""

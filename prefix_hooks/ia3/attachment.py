@@ -1,0 +1,386 @@
+"""(IA)^3 attached in place: ``attach_ia3``.
+
+On attach, in this order (each step undone on detach, in reverse):
+
+1. every base parameter is frozen (parameters of adapters attached before stay trainable);
+2. the vectors are registered under the model as ``ia3_hooks_<adapter>`` so
+   ``model.parameters()`` (and an optimizer Trainer builds) sees them;
+3. every target module gets this adapter's vector in its shared scaling hooks
+   (:mod:`prefix_hooks.ia3.scaling`): no module is replaced;
+4. every module to save is replaced by a :class:`~prefix_hooks.lora.ModulesToSaveWrapper`
+   running this adapter's trainable copy.
+
+The vectors and copies are built once, in the constructor, and kept by the handle:
+detaching and attaching again resumes with the trained values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from prefix_hooks.attachment import Attachment, UndoStack, freeze_parameters, register_child
+from prefix_hooks.ia3 import scaling
+from prefix_hooks.ia3.config import IA3Config
+from prefix_hooks.ia3.targets import Target, select_targets, task_modules_to_save
+from prefix_hooks.lora import swaps
+from prefix_hooks.lora.modules_to_save import ModulesToSaveWrapper
+from prefix_hooks.lora.targets import select_modules_to_save
+
+PEFT_PREFIX = "base_model.model."
+"""Prefix of every key PEFT saves for a non-prompt-learning adapter."""
+
+
+class IA3Vectors(nn.Module):
+    """The container registered under the model while attached; ``vectors[i]`` belongs to target ``i``.
+
+    Attributes:
+        vectors: one ``nn.Parameter`` per target: ``(out_features, 1)`` for a regular target,
+            ``(1, in_features)`` for a feed-forward one (PEFT's ``ia3_l`` shapes).
+    """
+
+    def __init__(self, vectors: list[nn.Parameter]) -> None:
+        super().__init__()
+        self.vectors = nn.ParameterList(vectors)
+
+
+@dataclass(frozen=True)
+class _Saved:
+    """A module trained as a full copy: where it sits, the original and this adapter's copy."""
+
+    name: str
+    parent_path: tuple[str, ...]
+    child_name: str
+    original: nn.Module
+    duplicate: nn.Module
+
+
+def _vector_for(target: Target, init_ones: bool, trainable: bool) -> nn.Parameter:
+    """A new vector for ``target``: ``(1, in)`` feed-forward, ``(out, 1)`` otherwise; ones or N(0, 1);
+    float32 on the weight's device (float64 for a float64 weight), as PEFT's autocast leaves it."""
+    weight = target.module.weight
+    assert isinstance(weight, torch.Tensor)
+    if isinstance(target.module, nn.Linear):
+        in_features, out_features = target.module.in_features, target.module.out_features
+    else:  # Conv1D: weight (in, out)
+        in_features, out_features = weight.shape
+    shape = (1, in_features) if target.feedforward else (out_features, 1)
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32  # PEFT upcasts fp16/bf16
+    if init_ones:
+        values = torch.ones(shape, dtype=dtype, device=weight.device)
+    else:
+        values = torch.randn(shape).to(weight.device, dtype)
+    return nn.Parameter(values, requires_grad=trainable)
+
+
+class IA3Attachment(Attachment):
+    """An (IA)^3 adapter for one model; see :func:`attach_ia3`.
+
+    A regular target's output becomes ``base(x) * l`` (bias included), a feed-forward
+    target computes ``base(x * l)``; several (IA)^3 adapters on one module multiply.
+
+    Attributes:
+        config: the :class:`IA3Config`.
+        targets: the scaled modules, in ``named_modules()`` order.
+        modules_to_save_names: qualified names of the modules trained as full copies.
+    """
+
+    def __init__(self, model: nn.Module, config: IA3Config, adapter_name: str = "default") -> None:
+        super().__init__(model, adapter_name)
+        if not isinstance(config, IA3Config):
+            kind = f"{type(config).__module__}.{type(config).__qualname__}"
+            raise TypeError(
+                f"config must be a prefix_hooks.IA3Config, got {kind}; a PEFT config converts with "
+                "prefix_hooks.IA3Config(**{k: v for k, v in peft_config.to_dict().items() "
+                "if k in prefix_hooks.IA3Config.__dataclass_fields__})"
+            )
+        self.config = config
+        with swaps.lock:
+            view = swaps.clean_view(model)  # the model without adapters: original names and modules
+            self.targets = select_targets(view, config)
+            saved = select_modules_to_save(view, config.modules_to_save or [], optional=task_modules_to_save(config))
+            modules = dict(view.named_modules())
+            real = {id(m) for m in model.modules()}
+            state = swaps.state_of(model)
+            real.update(id(swap.original) for swap in (state.swaps.values() if state else ()))
+            for name in saved:
+                if id(modules[name]) not in real:
+                    raise ValueError(
+                        f"modules_to_save entry {name!r} contains modules that attached LoRA adapters replaced; "
+                        "it cannot be saved as a copy while they are attached"
+                    )
+        trainable = not config.inference_mode
+        self._vectors = IA3Vectors([_vector_for(t, config.init_ia3_weights, trainable) for t in self.targets])
+        self._saved: list[_Saved] = []
+        for name in saved:
+            *parent, child = name.split(".")
+            duplicate = copy.deepcopy(modules[name])
+            duplicate.requires_grad_(trainable)
+            self._saved.append(_Saved(name, tuple(parent), child, modules[name], duplicate))
+        self.modules_to_save_names = saved
+        self._merged = False
+
+    @property
+    def child_name(self) -> str:
+        """The attribute of the model holding the vectors while attached."""
+        return f"ia3_hooks_{self.adapter_name}"
+
+    # --- parameters -------------------------------------------------------------------
+    def adapter_modules(self) -> list[nn.Module]:
+        return [self._vectors, *(saved.duplicate for saved in self._saved)]
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """PEFT's in-model names (without ``base_model.model.``): ``<target>.ia3_l.<adapter>``,
+        ``<module>.modules_to_save.<adapter>.<param>``."""
+        for target, vector in zip(self.targets, self._vectors.vectors):
+            yield f"{target.name}.ia3_l.{self.adapter_name}", vector
+        for saved in self._saved:
+            for key, parameter in saved.duplicate.named_parameters():
+                yield f"{saved.name}.modules_to_save.{self.adapter_name}.{key}", parameter
+
+    def vector(self, name: str) -> nn.Parameter:
+        """The vector of the target named ``name`` (a qualified module name).
+
+        Raises:
+            KeyError: ``name`` is not a target of this adapter.
+        """
+        for target, vector in zip(self.targets, self._vectors.vectors):
+            if target.name == name:
+                return vector
+        raise KeyError(f"{name!r} is not an (IA)^3 target of adapter {self.adapter_name!r}")
+
+    # --- PEFT state dicts ---------------------------------------------------------------
+    def peft_state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter as PEFT's ``get_peft_model_state_dict`` returns it (same keys, shapes, dtypes).
+
+        ``base_model.model.<target>.ia3_l`` per target and
+        ``base_model.model.<module>.<param>`` per parameter of a module to save; tensors are
+        detached (the live values, not copies).
+        """
+        out = {f"{PEFT_PREFIX}{t.name}.ia3_l": v.detach() for t, v in zip(self.targets, self._vectors.vectors)}
+        for saved in self._saved:
+            for key, tensor in saved.duplicate.state_dict().items():
+                out[f"{PEFT_PREFIX}{saved.name}.{key}"] = tensor.detach()
+        return out
+
+    def load_peft_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Copy a PEFT ``IA3`` state dict (keys as :meth:`peft_state_dict`) into this adapter's tensors.
+
+        Strict: every key must be present with the expected shape and no other key may be;
+        nothing is copied unless all are.
+
+        Raises:
+            KeyError: missing or unexpected keys (named in the message).
+            ValueError: a tensor of the wrong shape.
+            RuntimeError: the adapter is merged (unmerge() first).
+        """
+        if self._merged:
+            raise RuntimeError(f"(IA)^3 adapter {self.adapter_name!r} is merged; unmerge() before loading vectors")
+        expected = self.peft_state_dict()
+        missing = sorted(set(expected) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(expected))
+        if missing or unexpected:
+            raise KeyError(
+                f"the state dict does not fit (IA)^3 adapter {self.adapter_name!r}: missing keys {missing[:8]}"
+                f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
+            )
+        for key, tensor in expected.items():
+            given = state_dict[key]
+            if tuple(given.shape) != tuple(tensor.shape):
+                raise ValueError(f"{key!r} has shape {tuple(given.shape)}; expected {tuple(tensor.shape)}")
+        with torch.no_grad():
+            for key, tensor in expected.items():
+                tensor.copy_(state_dict[key])
+
+    # --- attach / detach ----------------------------------------------------------------
+    def _check_can_attach(self) -> None:
+        if hasattr(self.model, self.child_name):
+            raise RuntimeError(
+                f"an (IA)^3 adapter named {self.adapter_name!r} is already attached to {type(self.model).__name__} "
+                f"(it has an attribute {self.child_name!r}); give each adapter its own adapter_name"
+            )
+        present = {id(module) for module in self.model.modules()}
+        for target in self.targets:
+            if id(target.module) not in present:
+                raise RuntimeError(
+                    f"{target.name!r} is no longer a module of the model; build the adapter again for the model as it is now"
+                )
+        for saved in self._saved:
+            current = self._parent_of(saved)._modules.get(saved.child_name)
+            if current is not saved.original:
+                raise RuntimeError(
+                    f"{saved.name!r} is no longer the module this adapter was built for (found {type(current).__name__}); "
+                    "another adapter may have replaced it. Detach it or build the adapter again"
+                )
+
+    def _parent_of(self, saved: _Saved) -> nn.Module:
+        parent = self.model
+        for depth, key in enumerate(saved.parent_path):
+            child = parent._modules.get(key)
+            if child is None:
+                raise RuntimeError(
+                    f"{saved.name!r}: the model has no module {'.'.join(saved.parent_path[: depth + 1])!r} any more"
+                )
+            parent = child
+        return parent
+
+    def _install(self, undo: UndoStack) -> None:
+        freeze_parameters(self.model, undo)
+        register_child(self.model, self.child_name, self._vectors, undo)
+        key = id(self)
+        with scaling.lock:
+            for target, vector in zip(self.targets, self._vectors.vectors):
+                scaling.acquire(target.module, scaling._Entry(key, vector, target.feedforward))
+                undo.push(_release(target.module, key))
+        for saved in self._saved:
+            parent = self._parent_of(saved)
+            wrapper = ModulesToSaveWrapper(saved.original)
+            wrapper.add_copy(self.adapter_name, saved.duplicate)
+            wrapper.set_active([self.adapter_name])
+            swaps.match_training(wrapper, saved.original)
+            parent._modules[saved.child_name] = wrapper  # same key, same position
+            undo.push(_put_back(parent, saved))
+        undo.push(self._forget_merge)
+
+    def _forget_merge(self) -> None:
+        self._merged = False  # scaling.release() already unmerged each module
+
+    # --- switching ---------------------------------------------------------------------
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """A context in which the model computes its base outputs.
+
+        The vectors are switched off per thread (as ``Attachment.disabled``); modules to save
+        run their originals instead of the copies model-wide (the wrapper has one switch).
+
+        Raises:
+            RuntimeError: the adapter is merged (unmerge() first).
+        """
+        if self._merged:
+            raise RuntimeError(
+                f"(IA)^3 adapter {self.adapter_name!r} is merged into the base weights; unmerge() before disabling it"
+            )
+        wrappers = self._wrappers()
+        for wrapper in wrappers:
+            wrapper.set_active([])
+        try:
+            with super().disabled():
+                yield
+        finally:
+            for wrapper in wrappers:
+                wrapper.set_active([self.adapter_name])
+
+    def _wrappers(self) -> list[ModulesToSaveWrapper]:
+        if not self.is_attached:
+            return []
+        found = []
+        for saved in self._saved:
+            current = self._parent_of(saved)._modules.get(saved.child_name)
+            if isinstance(current, ModulesToSaveWrapper):
+                found.append(current)
+        return found
+
+    # --- merging -----------------------------------------------------------------------------
+    @property
+    def is_merged(self) -> bool:
+        return self._merged
+
+    def merge(self) -> None:
+        """Fold the vectors into the targets' weights (and regular targets' biases), in place.
+
+        While merged the hooks skip this adapter's vectors, so nothing is scaled twice; the
+        vectors would get no gradient, so a forward of a target in training mode with grad
+        enabled raises (merging is for inference). The original tensors are kept and copied
+        back on :meth:`unmerge` or detach: bit-exact.
+
+        Raises:
+            RuntimeError: not attached, inside :meth:`disabled`, or a target's weight is
+                currently holding a merged LoRA update.
+        """
+        with scaling.lock:
+            if not self.is_attached:
+                raise RuntimeError(f"(IA)^3 adapter {self.adapter_name!r} is not attached")
+            if self._merged:
+                return
+            if not self.is_enabled:
+                raise RuntimeError(f"(IA)^3 adapter {self.adapter_name!r} is disabled here; a merged adapter always applies")
+            self._check_no_merged_lora()
+            for target in self.targets:
+                found = scaling.scaling_of(target.module)
+                assert found is not None
+                found.merge(id(self))
+            self._merged = True
+
+    def unmerge(self) -> None:
+        """Restore the targets' original weights and biases (no-op when not merged)."""
+        with scaling.lock:
+            if not self._merged:
+                return
+            for target in self.targets:
+                found = scaling.scaling_of(target.module)
+                assert found is not None
+                found.unmerge(id(self))
+            self._merged = False
+
+    def _check_no_merged_lora(self) -> None:
+        state = swaps.state_of(self.model)
+        if state is None:
+            return
+        ours = {id(target.module): target.name for target in self.targets}
+        for swap in state.swaps.values():
+            if id(swap.original) in ours and getattr(swap.replacement, "is_merged", False):
+                raise RuntimeError(
+                    f"{ours[id(swap.original)]!r} holds a merged LoRA update; unmerge the LoRA adapter before merging "
+                    "(IA)^3 into the same module (each restores the weight it saw)"
+                )
+
+    def __repr__(self) -> str:
+        state = "attached" if self.is_attached else "detached"
+        return f"IA3Attachment({self.adapter_name!r}, {len(self.targets)} targets, {state})"
+
+
+def _release(module: nn.Module, key: int) -> Callable[[], None]:
+    def action() -> None:
+        scaling.release(module, key)
+
+    return action
+
+
+def _put_back(parent: nn.Module, saved: _Saved) -> Callable[[], None]:
+    def action() -> None:
+        parent._modules[saved.child_name] = saved.original
+
+    return action
+
+
+
+def attach_ia3(model: nn.Module, config: IA3Config, adapter_name: str = "default") -> IA3Attachment:
+    """Build an (IA)^3 adapter for ``model``; attach it with ``with``, ``@`` or ``.attach()``.
+
+    Targets are selected and the vectors built here; nothing about ``model`` changes until
+    the adapter is attached.
+
+    Args:
+        model: any ``nn.Module`` (a transformers model for the family defaults).
+        config: the (IA)^3 config.
+        adapter_name: a Python identifier naming the adapter.
+
+    Returns:
+        The (not yet attached) :class:`IA3Attachment`.
+
+    Raises:
+        TypeError: ``config`` is not an :class:`IA3Config`.
+        ValueError: the targets or modules to save match nothing or an unsupported module.
+
+    Example:
+        >>> with attach_ia3(model, IA3Config()) as handle:   # family default targets
+        ...     trainer.train()
+        ...     handle.merge()                              # fast inference inside the block
+        >>> # here `model` is exactly the model it was before
+    """
+    return IA3Attachment(model, config, adapter_name)
