@@ -120,3 +120,21 @@ def test_thread_count_is_restored() -> None:
     before = torch.get_num_threads()
     main(["--quick", "--repeats", "1", "--threads", str(before + 1), "--models", "gpt2"])
     assert torch.get_num_threads() == before
+
+
+def test_operator_counts_cover_every_scenario_and_a_merged_adapter_adds_none() -> None:
+    """``benchmarks.opcount`` (deterministic, unlike timings): a merged LoRA dispatches exactly the
+    base model's operators, and every other adapter dispatches more than the base."""
+    from benchmarks import opcount
+
+    counts = opcount.main(["--quick", "--methods", "lora r=8 merged", "ia3"])
+    keys = {(count.model, count.scenario, count.method) for count in counts}
+    expected = {(model, scenario, "ia3") for model in MODELS for scenario in opcount.SCENARIOS}
+    expected |= {(model, scenario, "lora r=8 merged") for model in MODELS for scenario in opcount.SCENARIOS
+                 if scenario != "train step"}  # merged adapters do not train
+    assert keys == expected
+    for count in counts:
+        if count.method == "lora r=8 merged":
+            assert count.ours == count.base == count.peft, count
+        else:
+            assert count.ours > count.base and count.peft > count.base, count
