@@ -9,8 +9,9 @@ P-tuning (:func:`attach_prompt`), IA3 (:func:`attach_ia3`); several at once with
 """
 
 from prefix_hooks.attachment import Attachment, attachments_of
+from prefix_hooks.checkpoint import CheckpointError, SaveAdapterCallback, load_adapter, save_adapter
 from prefix_hooks.compose import MultiAttachment, attach, register_method
-from prefix_hooks.config import PeftType, PrefixTuningConfig, TaskType
+from prefix_hooks.config import AdapterConfig, PeftType, PrefixTuningConfig, TaskType
 from prefix_hooks.families import ArchitectureAdapter, UnsupportedModelError, register_family, supported
 from prefix_hooks.ia3 import IA3Attachment, IA3Config, attach_ia3
 from prefix_hooks.lora import (
@@ -34,8 +35,10 @@ from prefix_hooks.prompt import (
 )
 
 __all__ = [
+    "AdapterConfig",
     "ArchitectureAdapter",
     "Attachment",
+    "CheckpointError",
     "IA3Attachment",
     "IA3Config",
     "LoraAttachment",
@@ -51,6 +54,7 @@ __all__ = [
     "PromptEncoderConfig",
     "PromptTuningConfig",
     "PromptTuningInit",
+    "SaveAdapterCallback",
     "TaskType",
     "UnsupportedModelError",
     "active_adapters",
@@ -61,8 +65,10 @@ __all__ = [
     "attach_prefix",
     "attach_prompt",
     "attachments_of",
+    "load_adapter",
     "register_family",
     "register_method",
+    "save_adapter",
     "set_active_adapters",
     "supported",
 ]

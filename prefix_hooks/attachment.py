@@ -13,6 +13,7 @@ import abc
 import contextlib
 import contextvars
 import inspect
+import os
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -268,6 +269,14 @@ class Attachment(abc.ABC):
     def is_enabled(self) -> bool:
         """False inside :meth:`disabled` in the current thread."""
         return id(self) not in _disabled.get()
+
+    # --- checkpoints -------------------------------------------------------------
+    def save(self, save_directory: str | os.PathLike[str]) -> None:
+        """Save this adapter into ``save_directory`` in PEFT's folder layout (atomically); see
+        :func:`prefix_hooks.checkpoint.save_adapter`. Load it back with ``load_adapter`` or ``attach``."""
+        from prefix_hooks.checkpoint.api import save_adapter
+
+        save_adapter(self, save_directory)
 
     # --- parameters -------------------------------------------------------------
     def parameters(self) -> Iterator[nn.Parameter]:

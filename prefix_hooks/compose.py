@@ -11,6 +11,7 @@ parts already attached: the model is either fully adapted or untouched.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -79,14 +80,21 @@ class MultiAttachment(Attachment):
             yield
 
 
-def attach(model: nn.Module, *configs: Any, adapter_name: str = "default") -> MultiAttachment:
+def attach(
+    model: nn.Module, *configs: Any, adapter_name: str = "default", trainable: bool = False
+) -> MultiAttachment:
     """Build one handle per config (or take the given handles) and group them.
 
     Args:
         model: the model every part adapts.
-        *configs: adapter configs (``PrefixTuningConfig``, ``LoraConfig``, ...) or handles
-            built for ``model``; at most one prefix.
-        adapter_name: the name every part built here gets.
+        *configs: adapter configs (``PrefixTuningConfig``, ``LoraConfig``, ...), handles
+            built for ``model``, or saved adapter folders / hub ids (a ``str`` or
+            ``os.PathLike``, loaded frozen by :func:`~prefix_hooks.checkpoint.load_adapter`; a
+            folder of several adapters adds each of them); at most one prefix.
+        adapter_name: the name every part built here gets (parts loaded from a folder of
+            several adapters keep their saved names).
+        trainable: load saved adapters in their trainable form (see ``load_adapter``); configs
+            and handles are unaffected.
 
     Returns:
         A not yet attached :class:`MultiAttachment`: use ``with``, ``@`` or ``.attach()``.
@@ -95,8 +103,15 @@ def attach(model: nn.Module, *configs: Any, adapter_name: str = "default") -> Mu
         TypeError: a config of a kind with no registered method.
         ValueError: a config that does not fit the model (nothing is attached).
     """
-    parts = [
-        config if isinstance(config, Attachment) else _builder_for(config)(model, config, adapter_name)
-        for config in configs
-    ]
+    parts: list[Attachment] = []
+    for config in configs:
+        if isinstance(config, Attachment):
+            parts.append(config)
+        elif isinstance(config, (str, os.PathLike)):
+            from prefix_hooks.checkpoint.api import load_adapter
+
+            loaded = load_adapter(model, config, adapter_name, trainable=trainable)
+            parts.extend(loaded.parts if isinstance(loaded, MultiAttachment) else [loaded])
+        else:
+            parts.append(_builder_for(config)(model, config, adapter_name))
     return MultiAttachment(model, parts, adapter_name)

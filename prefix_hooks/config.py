@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from prefix_hooks.families.base import ModelDims
+
+C = TypeVar("C", bound="AdapterConfig")
 
 
 class TaskType(str, enum.Enum):
@@ -63,8 +66,100 @@ def _check_positive_int(name: str, value: object, *, allow_none: bool = True) ->
         raise ValueError(f"{name}={value!r} is not accepted; expected {accepted}")
 
 
+@dataclass(kw_only=True)
+class AdapterConfig:
+    """Fields and file methods shared by every adapter config (PEFT's ``PeftConfig``).
+
+    The fields are keyword-only, so the positional order of each method's own fields is
+    unchanged. A method's class narrows ``peft_type`` to its own value.
+
+    Args:
+        peft_type: the method, as PEFT spells it in ``adapter_config.json`` (:class:`PeftType`).
+        task_type: the model's task (:class:`TaskType`), informational as in PEFT.
+        base_model_name_or_path: the base model's hub id or folder, informational as in PEFT.
+        revision: the base model's revision, informational as in PEFT.
+        inference_mode: build the adapter frozen (and, for prompt learning, folded).
+
+    Files: :meth:`save_pretrained` writes ``adapter_config.json`` in PEFT's form (PEFT's keys at
+    the top level; our own fields, which PEFT has no place for, under the ``"prefix_hooks"``
+    key, which PEFT drops with a warning); :meth:`from_pretrained` reads PEFT's files and ours.
+    """
+
+    peft_type: PeftType | str
+    task_type: TaskType | str | None = None
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+    inference_mode: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat JSON-ready dict of every field, our names (enums as strings, sets as sorted lists)."""
+        out: dict[str, Any] = {}
+        for config_field in dataclasses.fields(self):
+            value = getattr(self, config_field.name)
+            if isinstance(value, enum.Enum):
+                value = value.value
+            elif isinstance(value, (set, frozenset)):
+                value = sorted(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[config_field.name] = value
+        return out
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The ``adapter_config.json`` content: PEFT's keys, our other fields under ``"prefix_hooks"``."""
+        from prefix_hooks.checkpoint.configs import config_to_json
+
+        return config_to_json(self)
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+        """Build a config from :meth:`to_dict` or :meth:`to_json_dict` output, or PEFT's config dict.
+
+        Unknown keys are dropped with a warning naming them; PEFT keys this package does not
+        implement load silently at PEFT's default and raise otherwise.
+
+        Raises:
+            ValueError: a wrong type or value (naming the key), or a ``peft_type`` of another class.
+        """
+        from prefix_hooks.checkpoint.configs import config_from_dict
+
+        return _expect_class(cls, config_from_dict(data))
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str]) -> None:
+        """Write ``adapter_config.json`` (atomically) into ``save_directory``, creating it if needed."""
+        from prefix_hooks.checkpoint.folder import write_config
+
+        write_config(save_directory, self.to_json_dict())
+
+    @classmethod
+    def from_pretrained(
+        cls: type[C], name_or_path: str | os.PathLike[str], *, subfolder: str | None = None, revision: str | None = None
+    ) -> C:
+        """Read ``adapter_config.json`` from a local folder or a hub repository (see :func:`from_dict`).
+
+        Raises:
+            FileNotFoundError: no ``adapter_config.json`` there.
+            ValueError: the file is invalid, or holds a config of another method than ``cls``.
+        """
+        from prefix_hooks.checkpoint.configs import config_from_dict
+        from prefix_hooks.checkpoint.folder import read_config
+        from prefix_hooks.checkpoint.hub import resolve_folder
+
+        folder = resolve_folder(name_or_path, subfolder=subfolder, revision=revision, what="adapter_config.json")
+        return _expect_class(cls, config_from_dict(read_config(folder)))
+
+
+def _expect_class(cls: type[C], config: AdapterConfig) -> C:
+    if not isinstance(config, cls):
+        raise ValueError(
+            f"the config is a {type(config).__name__} (peft_type={PeftType(config.peft_type).value!r}), "
+            f"not a {cls.__name__}; load it with AdapterConfig.from_pretrained / from_dict to accept any method"
+        )
+    return config
+
+
 @dataclass
-class PrefixTuningConfig:
+class PrefixTuningConfig(AdapterConfig):
     """Prefix tuning (Li & Liang, 2021): ``P`` trainable key/value vectors in front of
     every attention layer.
 
@@ -94,6 +189,10 @@ class PrefixTuningConfig:
             self-, decoder self- and cross-attention, the paper's method) or ``"peft"``
             (reproduces PEFT 0.21's prefixes); see :class:`EncoderDecoderLayout`. ``None``
             means ``"full"`` for encoder-decoders; other models accept only ``None``.
+        modules_to_save: modules trained as full copies beside the prefix (e.g. a fresh
+            classification head); as PEFT's task models, ``task_type`` ``SEQ_CLS`` /
+            ``TOKEN_CLS`` also trains ``classifier`` / ``score`` and ``QUESTION_ANS``
+            ``qa_outputs`` (where the model has them).
         peft_type: always ``"PREFIX_TUNING"``.
     """
 
@@ -104,11 +203,10 @@ class PrefixTuningConfig:
     num_transformer_submodules: int | None = None
     encoder_hidden_size: int | None = None
     prefix_projection: bool = False
-    inference_mode: bool = False
-    task_type: TaskType | str | None = None
     position_offset: int | None = None
     encoder_decoder_layout: EncoderDecoderLayout | str | None = None
-    peft_type: PeftType | str = PeftType.PREFIX_TUNING
+    modules_to_save: list[str] | None = None
+    peft_type: PeftType | str = field(default=PeftType.PREFIX_TUNING, kw_only=True)
 
     def __post_init__(self) -> None:
         _check_positive_int("num_virtual_tokens", self.num_virtual_tokens, allow_none=False)
@@ -147,6 +245,14 @@ class PrefixTuningConfig:
                     f"encoder_decoder_layout={self.encoder_decoder_layout!r} is not accepted; expected 'full' "
                     "(prefixes on encoder, decoder and cross-attention), 'peft' (PEFT's decoder-only layout) or None"
                 ) from None
+        if self.modules_to_save is not None:
+            if not isinstance(self.modules_to_save, (list, tuple, set)) or not all(
+                isinstance(name, str) and name for name in self.modules_to_save
+            ):
+                raise ValueError(
+                    f"modules_to_save={self.modules_to_save!r} is not accepted; expected a list of module names or None"
+                )
+            self.modules_to_save = list(self.modules_to_save)
         if self.peft_type not in (PeftType.PREFIX_TUNING, PeftType.PREFIX_TUNING.value):
             raise ValueError(f"peft_type={self.peft_type!r} is not accepted; expected 'PREFIX_TUNING'")
         self.peft_type = PeftType.PREFIX_TUNING

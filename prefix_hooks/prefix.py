@@ -12,9 +12,11 @@ On attach, in this order (each step undone on detach, in reverse):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,13 +24,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from prefix_hooks import attention_interposer
+from prefix_hooks import attention_interposer, parameter_versions
 from prefix_hooks.attachment import Attachment, UndoStack, attachments_of, freeze_parameters, register_child
 from prefix_hooks.config import PrefixTuningConfig, resolve_prefix_config
 from prefix_hooks.families import ArchitectureAdapter, AttentionSite, ModelDims, adapter_for
 from prefix_hooks.families.base import ForwardCall
 from prefix_hooks.prefix_encoder import PrefixEncoder
-from prefix_hooks.prefix_views import LayerViews
+from prefix_hooks.prefix_views import LayerViews, expanded
+from prefix_hooks.saved_modules import SavedModules, task_heads
 from prefix_hooks.splice import SUPPORTED_IMPLEMENTATIONS, Backend, backend_of
 
 
@@ -53,6 +56,7 @@ class PrefixForwardState:
     spliced: int = 0
     views: LayerViews = field(default_factory=LayerViews)
     _no_grad_calls: bool = False
+    _parts: tuple[torch.Tensor, ...] | None = None  # kv split into 2L (kv_heads, P, D) tensors, once per forward
 
     def prefix_for(
         self, module: nn.Module, batch: int | None = None, dtype: torch.dtype | None = None
@@ -65,15 +69,26 @@ class PrefixForwardState:
             return None
         self.spliced += 1
         kv = self.kv
+        parts = self._parts
         if kv.requires_grad and not torch.is_grad_enabled():
             self._no_grad_calls = True  # reentrant checkpointing's first pass records no graph here
         elif self._no_grad_calls and torch.is_grad_enabled() and torch._C._current_graph_task_id() != -1:
             # Reentrant recomputation runs one backward per layer: give each layer its own
             # encoder graph, or the second layer would backpropagate through freed buffers.
-            kv = self.rebuild()
+            kv, parts = self.rebuild(), None
+        recording = kv.requires_grad and torch.is_grad_enabled()
+        if batch is not None and dtype is not None and not recording:
+            return self.views.get(kv, layer, batch, dtype)  # (B, kv_heads, P, D) each, memoized across forwards
+        if parts is None:
+            # one split for all layers: its backward is one stack, where a select per layer would
+            # each allocate and fill a gradient of the whole (L, 2, kv_heads, P, D) tensor
+            parts = kv.flatten(0, 1).unbind(0)  # 2L x (kv_heads, P, D); keys of layer i at 2i, values at 2i + 1
+            if kv is self.kv:
+                self._parts = parts
+        keys, values = parts[2 * layer], parts[2 * layer + 1]  # (kv_heads, P, D) each
         if batch is not None and dtype is not None:
-            return self.views.get(kv, layer, batch, dtype)  # (B, kv_heads, P, D) each
-        return kv[layer, 0], kv[layer, 1]  # (kv_heads, P, D) each
+            return expanded(keys, batch, dtype), expanded(values, batch, dtype)  # (B, kv_heads, P, D) each
+        return keys, values
 
 
 @dataclass(frozen=True)
@@ -128,6 +143,8 @@ class PrefixAttachment(Attachment):
     Attributes:
         config: the resolved config (every dimension filled from the model).
         encoder: the :class:`PrefixEncoder`, float32, on the model's device.
+        saved_modules: the ``modules_to_save`` copies (plus the task head PEFT trains for
+            ``SEQ_CLS`` / ``TOKEN_CLS`` / ``QUESTION_ANS``), swapped in while attached.
     """
 
     def __init__(self, model: nn.Module, config: PrefixTuningConfig, adapter_name: str = "default") -> None:
@@ -153,6 +170,10 @@ class PrefixAttachment(Attachment):
         self._current: ContextVar[PrefixForwardState | None] = ContextVar(f"prefix_hooks_{adapter_name}", default=None)
         self.encoder = PrefixEncoder(self.config).to(_first_parameter_device(model))
         self.encoder.requires_grad_(not self.config.inference_mode)
+        self.saved_modules = SavedModules(
+            model, config.modules_to_save or [], task_heads(config.task_type), adapter_name,
+            trainable=not self.config.inference_mode,
+        )
         self._child_name = f"prefix_hooks_{adapter_name}"
         self._dims = dims
         self._kv_memo: tuple[torch.Tensor, torch.Tensor] | None = None  # (encoder output, its layer view)
@@ -170,7 +191,14 @@ class PrefixAttachment(Attachment):
         return _Root(module, list(inspect.signature(module.forward).parameters), offset)
 
     def adapter_modules(self) -> list[nn.Module]:
-        return [self.encoder]
+        return [self.encoder, *self.saved_modules.copies()]
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """The base model's outputs inside: the prefix is off in this thread (and async task), the
+        modules to save run their originals model-wide (a wrapper has one switch)."""
+        with self.saved_modules.disabled(), super().disabled():
+            yield
 
     def _check_implementation(self) -> None:
         implementation = getattr(self.model.config, "_attn_implementation", None)
@@ -197,11 +225,16 @@ class PrefixAttachment(Attachment):
         if hasattr(self.model, self._child_name):
             raise ValueError(f"{type(self.model).__name__} already has an attribute {self._child_name!r}")
         self._check_implementation()
+        self.saved_modules.check_can_attach()
 
     def _install(self, undo: UndoStack) -> None:
+        self._forget_views()  # steps taken while detached are not counted
         undo.push(self._forget_views)
+        parameter_versions.acquire()
+        undo.push(parameter_versions.release)
         freeze_parameters(self.model, undo)
         register_child(self.model, self._child_name, self.encoder, undo)
+        self.saved_modules.install(undo)
         attention_interposer.acquire()
         undo.push(attention_interposer.release)
         for root in self._roots:
@@ -214,6 +247,7 @@ class PrefixAttachment(Attachment):
     def _forget_views(self) -> None:
         self._kv_memo = None
         self._views.clear()
+        self.encoder.forget()
 
     def _current_state(self) -> PrefixForwardState | None:
         return self._current.get() if self.is_enabled else None
@@ -255,7 +289,9 @@ class PrefixAttachment(Attachment):
             )
 
 
-def attach_prefix(model: nn.Module, config: PrefixTuningConfig, adapter_name: str = "default") -> PrefixAttachment:
+def attach_prefix(
+    model: nn.Module, config: PrefixTuningConfig | str | os.PathLike[str], adapter_name: str = "default"
+) -> PrefixAttachment:
     """Build a prefix-tuning adapter for ``model``; attach it with ``with``, ``@`` or ``.attach()``.
 
     Everything is validated and the encoder is built here; nothing about ``model`` is
@@ -277,4 +313,8 @@ def attach_prefix(model: nn.Module, config: PrefixTuningConfig, adapter_name: st
         >>> with attach_prefix(model, PrefixTuningConfig(num_virtual_tokens=20)) as handle:
         ...     trainer.train()
     """
+    if isinstance(config, (str, os.PathLike)):  # a saved adapter folder or hub id
+        from prefix_hooks.checkpoint.api import load_adapter_as
+
+        return load_adapter_as(model, config, PrefixAttachment, adapter_name)
     return PrefixAttachment(model, config, adapter_name)

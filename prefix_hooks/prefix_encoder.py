@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from prefix_hooks.config import PrefixTuningConfig
+from prefix_hooks.parameter_versions import parameter_key
 
 
 class PrefixEncoder(nn.Module):
@@ -65,20 +66,26 @@ class PrefixEncoder(nn.Module):
         Equal to ``forward(arange(P)[None])[0]``. In the plain form it is the embedding
         weight itself (no copy). With the projection, the MLP runs once and its output is
         reused for as long as no gradient is needed and no parameter has changed (a
-        generate() call runs it once, not once per token).
+        generate() call runs it once, not once per token; see
+        :mod:`prefix_hooks.parameter_versions` for how a change is detected).
         """
         weight = self.embedding.weight  # (P, token_dim) or (P, L*2*token_dim)
         if not self.prefix_projection:
             return weight
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
             return self.transform(weight)  # (P, L*2*token_dim)
-        key = tuple((id(p), p._version, p.dtype, p.device) for p in self.parameters())
+        key = parameter_key(self.parameters())
         if self._folded is None or self._folded[0] != key:
             with torch.no_grad():
                 self._folded = (key, self.transform(weight))
         return self._folded[1]
 
+    def forget(self) -> None:
+        """Drop the memoized projection output (its parameters may have changed unseen)."""
+        self._folded = None
+
     @torch.no_grad()
     def folded_weight(self) -> torch.Tensor:
-        """The prefix as PEFT saves it (projection applied): ``(P, L * 2 * token_dim)``."""
-        return self.prefix().detach().clone()
+        """The prefix as PEFT saves it (projection applied): ``(P, L * 2 * token_dim)``, computed afresh."""
+        weight = self.embedding.weight
+        return (self.transform(weight) if self.prefix_projection else weight).detach().clone()

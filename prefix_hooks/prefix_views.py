@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import torch
 
+from prefix_hooks.parameter_versions import optimizer_steps
+
 
 class LayerViews:
     """Memo of per-layer prefix views of one ``(L, 2, kv_heads, P, D)`` source tensor."""
 
     def __init__(self) -> None:
         self._source: torch.Tensor | None = None
-        self._version = -1
+        self._version: tuple[int, int] = (-1, -1)
         self._views: dict[tuple[int, torch.dtype], list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def get(self, kv: torch.Tensor, layer: int, batch: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,21 +29,23 @@ class LayerViews:
         The result is an expanded view (no copy over the batch); do not write into it.
         """
         if kv.requires_grad and torch.is_grad_enabled():  # a graph must be recorded per forward: never reuse
-            return _expanded(kv[layer, 0], batch, dtype), _expanded(kv[layer, 1], batch, dtype)
-        if kv is not self._source or kv._version != self._version:
-            self._source, self._version = kv, kv._version
+            return expanded(kv[layer, 0], batch, dtype), expanded(kv[layer, 1], batch, dtype)
+        version = (kv._version, optimizer_steps())  # fused optimizers do not bump _version
+        if kv is not self._source or version != self._version:
+            self._source, self._version = kv, version
             self._views.clear()
         views = self._views.get((batch, dtype))
         if views is None:
-            views = [(_expanded(keys, batch, dtype), _expanded(values, batch, dtype)) for keys, values in kv]
+            views = [(expanded(keys, batch, dtype), expanded(values, batch, dtype)) for keys, values in kv]
             self._views[(batch, dtype)] = views
         return views[layer]
 
     def clear(self) -> None:
         """Drop every memoized view (and the reference to the source)."""
-        self._source, self._version = None, -1
+        self._source, self._version = None, (-1, -1)
         self._views.clear()
 
 
-def _expanded(prefix: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
+def expanded(prefix: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
+    """``(kv_heads, P, D)`` -> ``(batch, kv_heads, P, D)`` in ``dtype``: an expanded view, no copy over the batch."""
     return prefix.to(dtype)[None].expand(batch, -1, -1, -1)  # (B, kv_heads, P, D)

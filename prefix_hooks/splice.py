@@ -154,7 +154,13 @@ def splice_prefix(
             # sdpa's `mask=None` means top-left causal over the first T keys (StaticCache prefill).
             key = key[:, :, :q_len]  # (B, kv_heads, T, D)
             value = value[:, :, :q_len]
-            attention_mask = causal_mask_with_prefix(q_len, num_prefix, key.device)  # (1, 1, T, P + T)
+            cache_key = ("causal", q_len, num_prefix, key.device)  # every layer of a forward builds the same
+            cached = mask_cache.get(cache_key) if mask_cache is not None else None
+            if cached is None:
+                cached = (None, causal_mask_with_prefix(q_len, num_prefix, key.device))  # (1, 1, T, P + T)
+                if mask_cache is not None:
+                    mask_cache[cache_key] = cached
+            attention_mask = cached[1]
     else:
         cached = mask_cache.get(id(attention_mask)) if mask_cache is not None else None
         if cached is not None and cached[0] is attention_mask:

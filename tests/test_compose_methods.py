@@ -229,9 +229,31 @@ def test_lora_and_ia3_refuse_to_merge_into_the_same_weight_in_either_order() -> 
         weights = {name: p.detach().clone() for name, p in model.named_parameters()}
         with attach(model, lora, ia3):
             first, second = (lora, ia3) if first_is_lora else (ia3, lora)
-            first.merge()  # type: ignore[attr-defined]
+            first.merge()
             with pytest.raises(RuntimeError, match="unmerge the"):
-                second.merge()  # type: ignore[attr-defined]
-            first.unmerge()  # type: ignore[attr-defined]
+                second.merge()
+            first.unmerge()
         for name, p in model.named_parameters():
             assert torch.equal(p, weights[name]), name
+
+
+@pytest.mark.parametrize("first", ["ia3", "prefix", "prompt"])
+def test_lora_builds_while_another_method_trains_a_head_copy(first: str) -> None:
+    """A modules-to-save wrapper of another method hides the original head from LoRA's target
+    selection, which must see the model as it is without adapters (regression: KeyError)."""
+    from tiny_encoders import build_head, text_batch
+
+    model = build_head("bert", "sequence")
+    batch = text_batch("bert", batch=2, seed=3)
+    factories = {
+        "ia3": lambda: attach_ia3(model, IA3Config(task_type="SEQ_CLS"), "first"),
+        "prefix": lambda: attach_prefix(model, PrefixTuningConfig(num_virtual_tokens=P, task_type="SEQ_CLS"), "first"),
+        "prompt": lambda: attach_prompt(model, PromptTuningConfig(num_virtual_tokens=P, task_type="SEQ_CLS"), "first"),
+    }
+    before = snapshot(model)
+    with factories[first]():
+        lora = attach_lora(model, LoraConfig(r=2, target_modules=["query", "value"]), "second")
+        assert "classifier" not in " ".join(lora.target_names)
+        with lora:
+            _logits(model, batch)
+    assert_untouched(model, before)

@@ -267,9 +267,9 @@ def test_prompt_with_lora_on_the_embedding() -> None:
             "num_transformer_submodules=2 applies to encoder-decoder models",
         ),
         (
-            PromptTuningConfig(num_virtual_tokens=2, modules_to_save=["lm_head"]),
+            PromptTuningConfig(num_virtual_tokens=2, modules_to_save=["no_such_head"]),
             ValueError,
-            r"modules_to_save=\['lm_head'\]",
+            r"modules_to_save entries \['no_such_head'\] match no module",
         ),
         (PromptTuningConfig(num_virtual_tokens=2, token_dim=7), ValueError, "token_dim=7"),
     ],

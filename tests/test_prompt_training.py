@@ -393,9 +393,9 @@ BAD_CONFIGS: dict[str, tuple[str, Callable[[], Any], type[Exception], str]] = {
     ),
     "modules_to_save": (
         "bert",
-        lambda: PromptTuningConfig(num_virtual_tokens=P, modules_to_save=["classifier"]),
+        lambda: PromptTuningConfig(num_virtual_tokens=P, modules_to_save=["no_such_head"]),
         ValueError,
-        r"modules_to_save=\['classifier'\]",
+        r"modules_to_save entries \['no_such_head'\] match no module",
     ),
     "prefix-config": ("llama", lambda: PrefixTuningConfig(num_virtual_tokens=P), TypeError, r"PrefixTuningConfig"),
     "sample-vocab-trust-remote-code": (

@@ -17,9 +17,8 @@ detaching and attaching again resumes with the trained values.
 from __future__ import annotations
 
 import contextlib
-import copy
+import os
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -29,8 +28,7 @@ from prefix_hooks.ia3 import scaling
 from prefix_hooks.ia3.config import IA3Config
 from prefix_hooks.ia3.targets import Target, select_targets, task_modules_to_save
 from prefix_hooks.lora import swaps
-from prefix_hooks.lora.modules_to_save import ModulesToSaveWrapper
-from prefix_hooks.lora.targets import select_modules_to_save
+from prefix_hooks.saved_modules import SavedModules
 
 PEFT_PREFIX = "base_model.model."
 """Prefix of every key PEFT saves for a non-prompt-learning adapter."""
@@ -47,17 +45,6 @@ class IA3Vectors(nn.Module):
     def __init__(self, vectors: list[nn.Parameter]) -> None:
         super().__init__()
         self.vectors = nn.ParameterList(vectors)
-
-
-@dataclass(frozen=True)
-class _Saved:
-    """A module trained as a full copy: where it sits, the original and this adapter's copy."""
-
-    name: str
-    parent_path: tuple[str, ...]
-    child_name: str
-    original: nn.Module
-    duplicate: nn.Module
 
 
 def _vector_for(target: Target, init_ones: bool, trainable: bool) -> nn.Parameter:
@@ -88,6 +75,7 @@ class IA3Attachment(Attachment):
         config: the :class:`IA3Config`.
         targets: the scaled modules, in ``named_modules()`` order.
         modules_to_save_names: qualified names of the modules trained as full copies.
+        saved_modules: those copies (see :mod:`prefix_hooks.saved_modules`).
     """
 
     def __init__(self, model: nn.Module, config: IA3Config, adapter_name: str = "default") -> None:
@@ -103,26 +91,12 @@ class IA3Attachment(Attachment):
         with swaps.lock:
             view = swaps.clean_view(model)  # the model without adapters: original names and modules
             self.targets = select_targets(view, config)
-            saved = select_modules_to_save(view, config.modules_to_save or [], optional=task_modules_to_save(config))
-            modules = dict(view.named_modules())
-            real = {id(m) for m in model.modules()}
-            state = swaps.state_of(model)
-            real.update(id(swap.original) for swap in (state.swaps.values() if state else ()))
-            for name in saved:
-                if id(modules[name]) not in real:
-                    raise ValueError(
-                        f"modules_to_save entry {name!r} contains modules that attached LoRA adapters replaced; "
-                        "it cannot be saved as a copy while they are attached"
-                    )
         trainable = not config.inference_mode
+        self.saved_modules = SavedModules(
+            model, config.modules_to_save or [], task_modules_to_save(config), adapter_name, trainable
+        )
         self._vectors = IA3Vectors([_vector_for(t, config.init_ia3_weights, trainable) for t in self.targets])
-        self._saved: list[_Saved] = []
-        for name in saved:
-            *parent, child = name.split(".")
-            duplicate = copy.deepcopy(modules[name])
-            duplicate.requires_grad_(trainable)
-            self._saved.append(_Saved(name, tuple(parent), child, modules[name], duplicate))
-        self.modules_to_save_names = saved
+        self.modules_to_save_names = self.saved_modules.names
         self._merged = False
 
     @property
@@ -132,16 +106,14 @@ class IA3Attachment(Attachment):
 
     # --- parameters -------------------------------------------------------------------
     def adapter_modules(self) -> list[nn.Module]:
-        return [self._vectors, *(saved.duplicate for saved in self._saved)]
+        return [self._vectors, *self.saved_modules.copies()]
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """PEFT's in-model names (without ``base_model.model.``): ``<target>.ia3_l.<adapter>``,
         ``<module>.modules_to_save.<adapter>.<param>``."""
         for target, vector in zip(self.targets, self._vectors.vectors):
             yield f"{target.name}.ia3_l.{self.adapter_name}", vector
-        for saved in self._saved:
-            for key, parameter in saved.duplicate.named_parameters():
-                yield f"{saved.name}.modules_to_save.{self.adapter_name}.{key}", parameter
+        yield from self.saved_modules.named_parameters()
 
     def vector(self, name: str) -> nn.Parameter:
         """The vector of the target named ``name`` (a qualified module name).
@@ -163,9 +135,9 @@ class IA3Attachment(Attachment):
         detached (the live values, not copies).
         """
         out = {f"{PEFT_PREFIX}{t.name}.ia3_l": v.detach() for t, v in zip(self.targets, self._vectors.vectors)}
-        for saved in self._saved:
-            for key, tensor in saved.duplicate.state_dict().items():
-                out[f"{PEFT_PREFIX}{saved.name}.{key}"] = tensor.detach()
+        for name, duplicate in zip(self.saved_modules.names, self.saved_modules.copies(), strict=True):
+            for key, tensor in duplicate.state_dict().items():
+                out[f"{PEFT_PREFIX}{name}.{key}"] = tensor.detach()
         return out
 
     def load_peft_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
@@ -210,24 +182,7 @@ class IA3Attachment(Attachment):
                 raise RuntimeError(
                     f"{target.name!r} is no longer a module of the model; build the adapter again for the model as it is now"
                 )
-        for saved in self._saved:
-            current = self._parent_of(saved)._modules.get(saved.child_name)
-            if current is not saved.original:
-                raise RuntimeError(
-                    f"{saved.name!r} is no longer the module this adapter was built for (found {type(current).__name__}); "
-                    "another adapter may have replaced it. Detach it or build the adapter again"
-                )
-
-    def _parent_of(self, saved: _Saved) -> nn.Module:
-        parent = self.model
-        for depth, key in enumerate(saved.parent_path):
-            child = parent._modules.get(key)
-            if child is None:
-                raise RuntimeError(
-                    f"{saved.name!r}: the model has no module {'.'.join(saved.parent_path[: depth + 1])!r} any more"
-                )
-            parent = child
-        return parent
+        self.saved_modules.check_can_attach()
 
     def _install(self, undo: UndoStack) -> None:
         freeze_parameters(self.model, undo)
@@ -237,14 +192,7 @@ class IA3Attachment(Attachment):
             for target, vector in zip(self.targets, self._vectors.vectors):
                 scaling.acquire(target.module, scaling._Entry(key, vector, target.feedforward))
                 undo.push(_release(target.module, key))
-        for saved in self._saved:
-            parent = self._parent_of(saved)
-            wrapper = ModulesToSaveWrapper(saved.original)
-            wrapper.add_copy(self.adapter_name, saved.duplicate)
-            wrapper.set_active([self.adapter_name])
-            swaps.match_training(wrapper, saved.original)
-            parent._modules[saved.child_name] = wrapper  # same key, same position
-            undo.push(_put_back(parent, saved))
+        self.saved_modules.install(undo)
         undo.push(self._forget_merge)
 
     def _forget_merge(self) -> None:
@@ -265,25 +213,8 @@ class IA3Attachment(Attachment):
             raise RuntimeError(
                 f"(IA)^3 adapter {self.adapter_name!r} is merged into the base weights; unmerge() before disabling it"
             )
-        wrappers = self._wrappers()
-        for wrapper in wrappers:
-            wrapper.set_active([])
-        try:
-            with super().disabled():
-                yield
-        finally:
-            for wrapper in wrappers:
-                wrapper.set_active([self.adapter_name])
-
-    def _wrappers(self) -> list[ModulesToSaveWrapper]:
-        if not self.is_attached:
-            return []
-        found = []
-        for saved in self._saved:
-            current = self._parent_of(saved)._modules.get(saved.child_name)
-            if isinstance(current, ModulesToSaveWrapper):
-                found.append(current)
-        return found
+        with self.saved_modules.disabled(), super().disabled():
+            yield
 
     # --- merging -----------------------------------------------------------------------------
     @property
@@ -351,15 +282,10 @@ def _release(module: nn.Module, key: int) -> Callable[[], None]:
     return action
 
 
-def _put_back(parent: nn.Module, saved: _Saved) -> Callable[[], None]:
-    def action() -> None:
-        parent._modules[saved.child_name] = saved.original
 
-    return action
-
-
-
-def attach_ia3(model: nn.Module, config: IA3Config, adapter_name: str = "default") -> IA3Attachment:
+def attach_ia3(
+    model: nn.Module, config: IA3Config | str | os.PathLike[str], adapter_name: str = "default"
+) -> IA3Attachment:
     """Build an (IA)^3 adapter for ``model``; attach it with ``with``, ``@`` or ``.attach()``.
 
     Targets are selected and the vectors built here; nothing about ``model`` changes until
@@ -383,4 +309,8 @@ def attach_ia3(model: nn.Module, config: IA3Config, adapter_name: str = "default
         ...     handle.merge()                              # fast inference inside the block
         >>> # here `model` is exactly the model it was before
     """
+    if isinstance(config, (str, os.PathLike)):  # a saved adapter folder or hub id
+        from prefix_hooks.checkpoint.api import load_adapter_as
+
+        return load_adapter_as(model, config, IA3Attachment, adapter_name)
     return IA3Attachment(model, config, adapter_name)

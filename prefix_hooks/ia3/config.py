@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from prefix_hooks.config import PeftType, TaskType
+from prefix_hooks.config import AdapterConfig, PeftType, TaskType
 from prefix_hooks.lora.config import _check_bool, _module_filter, _names
 
 IA3_PEFT_TYPE = PeftType.IA3
@@ -21,7 +21,7 @@ ModuleNames = list[str] | set[str] | tuple[str, ...] | str | None
 
 
 @dataclass
-class IA3Config:
+class IA3Config(AdapterConfig):
     """(IA)^3: learned vectors rescaling the outputs (or, for feed-forward modules, the inputs) of targets.
 
     Field names, meanings and defaults are PEFT 0.21's, so a config converts to and from a PEFT
@@ -64,11 +64,7 @@ class IA3Config:
     fan_in_fan_out: bool = False
     modules_to_save: list[str] | set[str] | tuple[str, ...] | None = None
     init_ia3_weights: bool = True
-    task_type: TaskType | str | None = None
-    inference_mode: bool = False
-    peft_type: PeftType | str = IA3_PEFT_TYPE
-    base_model_name_or_path: str | None = None
-    revision: str | None = None
+    peft_type: PeftType | str = field(default=IA3_PEFT_TYPE, kw_only=True)
 
     def __post_init__(self) -> None:
         target_modules = _module_filter("target_modules", self.target_modules, allow_empty=False)

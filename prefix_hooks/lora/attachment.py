@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -509,7 +510,9 @@ def adapter_rows(model: nn.Module, names: Sequence[str]) -> Iterator[None]:
         yield
 
 
-def attach_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> LoraAttachment:
+def attach_lora(
+    model: nn.Module, config: LoraConfig | str | os.PathLike[str], adapter_name: str = "default"
+) -> LoraAttachment:
     """Build a LoRA adapter for ``model``; attach it with ``with``, ``@`` or ``.attach()``.
 
     Targets are selected and the adapter's factors (and modules-to-save copies) are built
@@ -536,4 +539,8 @@ def attach_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
         ...     handle.merge()            # fast inference inside the block
         >>> # here `model` is exactly the model it was before
     """
+    if isinstance(config, (str, os.PathLike)):  # a saved adapter folder or hub id
+        from prefix_hooks.checkpoint.api import load_adapter_as
+
+        return load_adapter_as(model, config, LoraAttachment, adapter_name)
     return LoraAttachment(model, config, adapter_name)

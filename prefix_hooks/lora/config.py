@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from prefix_hooks.config import PeftType, TaskType
+from prefix_hooks.config import AdapterConfig, PeftType, TaskType
 
 ALL_LINEAR = "all-linear"
 """``target_modules`` shorthand (case-insensitive, as PEFT): every Linear / Conv1D but the output head."""
@@ -98,7 +98,7 @@ def _pattern_key(keys: list[str], module_name: str) -> str | None:
 
 
 @dataclass
-class LoraConfig:
+class LoraConfig(AdapterConfig):
     """LoRA (Hu et al., 2021): ``h = W x + scaling * B(A(dropout(x)))`` on each target module.
 
     Field names, meanings and defaults are PEFT 0.21's, so a config converts to and from a
@@ -162,11 +162,7 @@ class LoraConfig:
     fan_in_fan_out: bool = False
     bias: str = "none"
     modules_to_save: list[str] | set[str] | tuple[str, ...] | None = None
-    task_type: TaskType | str | None = None
-    inference_mode: bool = False
-    peft_type: PeftType | str = LORA_PEFT_TYPE
-    base_model_name_or_path: str | None = None
-    revision: str | None = None
+    peft_type: PeftType | str = field(default=LORA_PEFT_TYPE, kw_only=True)
 
     def __post_init__(self) -> None:
         if not _is_int(self.r) or self.r <= 0:

@@ -254,6 +254,10 @@ def clean_view(model: nn.Module) -> nn.Module:
     """
     state = _states.get(model)
     swapped = {id(swap.replacement): swap.original for swap in state.swaps.values()} if state else {}
+    # modules-to-save wrappers of other methods (IA3, prefix, prompt) are swaps too
+    swapped.update(
+        {id(module): module.original_module for module in model.modules() if isinstance(module, ModulesToSaveWrapper)}
+    )
     hidden = {id(m) for attachment in attachments_of(model) for m in attachment.adapter_modules()}
     if not swapped and not hidden:
         return model

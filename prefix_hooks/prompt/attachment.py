@@ -23,9 +23,12 @@ Without a cache (``use_cache=False``) every call prepends.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import os
 import weakref
+from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +37,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache
 
+from prefix_hooks import parameter_versions
 from prefix_hooks.attachment import Attachment, UndoStack, attachments_of, freeze_parameters, register_child
 from prefix_hooks.config import TaskType
 from prefix_hooks.families.base import ForwardCall
@@ -54,6 +58,7 @@ from prefix_hooks.prompt.modules import (
     resolve_prompt_config,
     token_embeddings,
 )
+from prefix_hooks.saved_modules import SavedModules, task_heads
 
 _PER_TOKEN_TASKS = frozenset({TaskType.CAUSAL_LM, TaskType.TOKEN_CLS})
 _PER_TOKEN_CLASS_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForTokenClassification", "ForMaskedLM")
@@ -147,6 +152,8 @@ class PromptAttachment(Attachment):
         prompt_encoder: the module computing the ``(1, P, token_dim)`` prompt (float32, on the
             model's device): a ``PromptEmbedding`` or, for P-tuning, a ``PromptEncoder``.
         num_virtual_tokens: ``P``.
+        saved_modules: the ``modules_to_save`` copies (plus the task head PEFT trains for
+            ``SEQ_CLS`` / ``TOKEN_CLS`` / ``QUESTION_ANS``), swapped in while attached.
     """
 
     def __init__(
@@ -160,11 +167,6 @@ class PromptAttachment(Attachment):
                 "converts with PromptTuningConfig(**{k: v for k, v in peft_config.to_dict().items() "
                 "if k in PromptTuningConfig.__dataclass_fields__})"
             )
-        if config.modules_to_save:
-            raise ValueError(
-                f"modules_to_save={config.modules_to_save!r} is not supported with prompt tuning; train the modules "
-                "beside it with a LoRA adapter: attach(model, prompt_config, LoraConfig(..., modules_to_save=[...]))"
-            )
         word_embeddings = token_embeddings(model)  # raises for models without token inputs
         root = _prompt_root(model)
         self.config = resolve_prompt_config(config, model)
@@ -172,6 +174,10 @@ class PromptAttachment(Attachment):
         self.prompt_encoder: PromptEmbedding | PromptEncoder = build_prompt_module(self.config, word_embeddings)
         self.prompt_encoder.to(_first_parameter_device(model))
         self.prompt_encoder.requires_grad_(not self.config.inference_mode)
+        self.saved_modules = SavedModules(
+            model, config.modules_to_save or [], task_heads(config.task_type), adapter_name,
+            trainable=not self.config.inference_mode,
+        )
         self._encoder_decoder = root is not model
         self._prompt_root = _Root.of(root)
         self._decoder = _Root.of(model.get_decoder()) if self._encoder_decoder else None  # type: ignore[operator]
@@ -183,7 +189,14 @@ class PromptAttachment(Attachment):
         self._caches: weakref.WeakSet[Cache] = weakref.WeakSet()
 
     def adapter_modules(self) -> list[nn.Module]:
-        return [self.prompt_encoder]
+        return [self.prompt_encoder, *self.saved_modules.copies()]
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """The base model's outputs inside: the prompt is off in this thread (and async task), the
+        modules to save run their originals model-wide (a wrapper has one switch)."""
+        with self.saved_modules.disabled(), super().disabled():
+            yield
 
     # --- attach -----------------------------------------------------------------------
     def _check_can_attach(self) -> None:
@@ -196,11 +209,17 @@ class PromptAttachment(Attachment):
                 )
         if hasattr(self.model, self._child_name):
             raise ValueError(f"{type(self.model).__name__} already has an attribute {self._child_name!r}")
+        self.saved_modules.check_can_attach()
 
     def _install(self, undo: UndoStack) -> None:
         undo.push(self._caches.clear)
+        if isinstance(self.prompt_encoder, PromptEncoder):
+            self.prompt_encoder.forget()  # steps taken while detached are not counted
+        parameter_versions.acquire()
+        undo.push(parameter_versions.release)
         freeze_parameters(self.model, undo)
         register_child(self.model, self._child_name, self.prompt_encoder, undo)
+        self.saved_modules.install(undo)
         root = self._prompt_root
         hook = root.module.register_forward_pre_hook(functools.partial(self._prepend, root), with_kwargs=True)
         undo.push(hook.remove)
@@ -315,7 +334,9 @@ class PromptAttachment(Attachment):
 
 
 def attach_prompt(
-    model: nn.Module, config: PromptTuningConfig | PromptEncoderConfig, adapter_name: str = "default"
+    model: nn.Module,
+    config: PromptTuningConfig | PromptEncoderConfig | str | os.PathLike[str],
+    adapter_name: str = "default",
 ) -> PromptAttachment:
     """Build a prompt-tuning (``PromptTuningConfig``) or P-tuning (``PromptEncoderConfig``) adapter for
     ``model``; attach it with ``with``, ``@`` or ``.attach()``.
@@ -349,4 +370,8 @@ def attach_prompt(
         >>> with attach_prompt(model, PromptTuningConfig(num_virtual_tokens=20)) as handle:
         ...     trainer.train()
     """
+    if isinstance(config, (str, os.PathLike)):  # a saved adapter folder or hub id
+        from prefix_hooks.checkpoint.api import load_adapter_as
+
+        return load_adapter_as(model, config, PromptAttachment, adapter_name)
     return PromptAttachment(model, config, adapter_name)

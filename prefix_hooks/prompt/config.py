@@ -13,10 +13,10 @@ from __future__ import annotations
 import dataclasses
 import enum
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from prefix_hooks.config import PeftType, TaskType
+from prefix_hooks.config import AdapterConfig, PeftType, TaskType
 
 
 class PromptTuningInit(str, enum.Enum):
@@ -68,7 +68,7 @@ def _enum_value(enum_type: type[enum.Enum], name: str, value: object) -> Any:
 
 
 @dataclass
-class PromptLearningConfig:
+class PromptLearningConfig(AdapterConfig):
     """Fields shared by prompt tuning and P-tuning (PEFT's ``PromptLearningConfig`` subset).
 
     Args:
@@ -97,8 +97,6 @@ class PromptLearningConfig:
     num_attention_heads: int | None = None
     num_layers: int | None = None
     modules_to_save: list[str] | None = None
-    inference_mode: bool = False
-    task_type: TaskType | str | None = None
     keep_virtual_outputs: bool = False
 
     def __post_init__(self) -> None:
@@ -158,7 +156,7 @@ class PromptTuningConfig(PromptLearningConfig):
     prompt_tuning_init_text: str | None = None
     tokenizer_name_or_path: str | None = None
     tokenizer_kwargs: dict[str, Any] | None = None
-    peft_type: PeftType | str = PeftType.PROMPT_TUNING
+    peft_type: PeftType | str = field(default=PeftType.PROMPT_TUNING, kw_only=True)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -212,7 +210,7 @@ class PromptEncoderConfig(PromptLearningConfig):
     encoder_hidden_size: int | None = None
     encoder_num_layers: int = 2
     encoder_dropout: float = 0.0
-    peft_type: PeftType | str = PeftType.P_TUNING
+    peft_type: PeftType | str = field(default=PeftType.P_TUNING, kw_only=True)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer
 
+from prefix_hooks.parameter_versions import parameter_key
 from prefix_hooks.prompt.config import (
     PromptConfig,
     PromptEncoderConfig,
@@ -336,6 +337,10 @@ class PromptEncoder(nn.Module):
         """``(B, T)`` indices in ``[0, T)`` -> ``(B, T, token_dim)`` virtual tokens."""
         return self._encode(self.embedding(indices))  # (B, T, token_dim)
 
+    def forget(self) -> None:
+        """Drop the cached encoded prompt (its parameters may have changed unseen)."""
+        self._encoded = None
+
     def prompt(self, batch: int) -> torch.Tensor:
         """All ``T`` virtual tokens for ``batch`` rows: ``(batch, T, token_dim)``.
 
@@ -351,7 +356,7 @@ class PromptEncoder(nn.Module):
         random = self.training and self.dropout > 0
         if needs_grad or random:
             return self._encode(weight).expand(batch, -1, -1)  # (batch, T, token_dim)
-        key = tuple((id(p), p._version, p.dtype, p.device) for p in self.parameters())
+        key = parameter_key(self.parameters())
         if self._encoded is None or self._encoded[0] != key:
             with torch.no_grad():
                 self._encoded = (key, self._encode(weight))
