@@ -58,7 +58,8 @@ class PeftType(str, enum.Enum):
     IA3 = "IA3"
 
 
-def _check_positive_int(name: str, value: object, *, allow_none: bool = True) -> None:
+def check_positive_int(name: str, value: object, *, allow_none: bool = True) -> None:
+    """Raise ``ValueError`` naming ``value`` unless it is a positive int (or ``None`` when allowed)."""
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -209,9 +210,9 @@ class PrefixTuningConfig(AdapterConfig):
     peft_type: PeftType | str = field(default=PeftType.PREFIX_TUNING, kw_only=True)
 
     def __post_init__(self) -> None:
-        _check_positive_int("num_virtual_tokens", self.num_virtual_tokens, allow_none=False)
+        check_positive_int("num_virtual_tokens", self.num_virtual_tokens, allow_none=False)
         for name in ("token_dim", "num_layers", "num_attention_heads", "encoder_hidden_size"):
-            _check_positive_int(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name))
         if self.num_transformer_submodules not in (None, 1, 2):
             raise ValueError(
                 f"num_transformer_submodules={self.num_transformer_submodules!r} is not accepted; "

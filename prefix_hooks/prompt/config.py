@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from prefix_hooks.config import AdapterConfig, PeftType, TaskType
+from prefix_hooks.config import AdapterConfig, PeftType, TaskType, check_positive_int
 
 
 class PromptTuningInit(str, enum.Enum):
@@ -44,14 +44,6 @@ class PromptEncoderReparameterizationType(str, enum.Enum):
 
     MLP = "MLP"
     LSTM = "LSTM"
-
-
-def _check_positive_int(name: str, value: object, *, allow_none: bool = True) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        accepted = "a positive int or None" if allow_none else "a positive int"
-        raise ValueError(f"{name}={value!r} is not accepted; expected {accepted}")
 
 
 def _check_bool(name: str, value: object) -> None:
@@ -100,9 +92,9 @@ class PromptLearningConfig(AdapterConfig):
     keep_virtual_outputs: bool = False
 
     def __post_init__(self) -> None:
-        _check_positive_int("num_virtual_tokens", self.num_virtual_tokens, allow_none=False)
+        check_positive_int("num_virtual_tokens", self.num_virtual_tokens, allow_none=False)
         for name in ("token_dim", "num_attention_heads", "num_layers"):
-            _check_positive_int(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name))
         if self.num_transformer_submodules not in (None, 1, 2):
             raise ValueError(
                 f"num_transformer_submodules={self.num_transformer_submodules!r} is not accepted; "
@@ -217,8 +209,8 @@ class PromptEncoderConfig(PromptLearningConfig):
         self.encoder_reparameterization_type = _enum_value(
             PromptEncoderReparameterizationType, "encoder_reparameterization_type", self.encoder_reparameterization_type
         )
-        _check_positive_int("encoder_hidden_size", self.encoder_hidden_size)
-        _check_positive_int("encoder_num_layers", self.encoder_num_layers, allow_none=False)
+        check_positive_int("encoder_hidden_size", self.encoder_hidden_size)
+        check_positive_int("encoder_num_layers", self.encoder_num_layers, allow_none=False)
         dropout = self.encoder_dropout
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise ValueError(f"encoder_dropout={dropout!r} is not accepted; expected a number with 0 <= p < 1")

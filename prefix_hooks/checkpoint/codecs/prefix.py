@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from prefix_hooks.checkpoint.codec import SavedAdapter, register_codec
-from prefix_hooks.checkpoint.codecs.lora import check_state_dict, copy_into
+from prefix_hooks.checkpoint.state_dicts import check_state_dict, copy_into
 from prefix_hooks.config import EncoderDecoderLayout, PrefixTuningConfig
 from prefix_hooks.prefix import PrefixAttachment
 from prefix_hooks.prefix_encoder import PrefixEncoder

@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 from prefix_hooks.checkpoint.codec import SavedAdapter, register_codec
-from prefix_hooks.checkpoint.codecs.lora import check_state_dict, copy_into
 from prefix_hooks.checkpoint.codecs.prefix import (
     PROMPT_KEY,
     check_folded_matches,
@@ -31,6 +30,7 @@ from prefix_hooks.checkpoint.codecs.prefix import (
     explicit_modules_to_save,
     saved_module_tensors,
 )
+from prefix_hooks.checkpoint.state_dicts import check_state_dict, copy_into
 from prefix_hooks.prompt.attachment import PromptAttachment
 from prefix_hooks.prompt.config import PromptEncoderConfig, PromptTuningConfig, PromptTuningInit
 from prefix_hooks.prompt.modules import PromptEncoder, prompt_embeddings_to_save
