@@ -301,6 +301,9 @@ def attach_prefix(
         model: a transformers model of a supported family (see
             :func:`prefix_hooks.families.supported`).
         config: the prefix config; dimensions left ``None`` are read from the model.
+            Or the path (``str`` / ``os.PathLike``) of a saved adapter folder, ours or
+            PEFT's, or a hub id: the adapter is loaded frozen (``load_adapter(...,
+            trainable=True)`` resumes training).
         adapter_name: a Python identifier naming the adapter.
 
     Returns:

@@ -294,6 +294,9 @@ def attach_ia3(
     Args:
         model: any ``nn.Module`` (a transformers model for the family defaults).
         config: the (IA)^3 config.
+            Or the path (``str`` / ``os.PathLike``) of a saved adapter folder, ours or
+            PEFT's, or a hub id: the adapter is loaded frozen (``load_adapter(...,
+            trainable=True)`` resumes training).
         adapter_name: a Python identifier naming the adapter.
 
     Returns:

@@ -524,6 +524,9 @@ def attach_lora(
     Args:
         model: any ``nn.Module`` (a transformers model for ``target_modules=None``).
         config: the LoRA config.
+            Or the path (``str`` / ``os.PathLike``) of a saved adapter folder, ours or
+            PEFT's, or a hub id: the adapter is loaded frozen (``load_adapter(...,
+            trainable=True)`` resumes training).
         adapter_name: a Python identifier naming the adapter.
 
     Returns:

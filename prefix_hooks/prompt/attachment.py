@@ -357,6 +357,9 @@ def attach_prompt(
     Args:
         model: a transformers text model with a token embedding.
         config: the prompt config; ``token_dim`` left ``None`` is read from the model.
+            Or the path (``str`` / ``os.PathLike``) of a saved adapter folder, ours or
+            PEFT's, or a hub id: the adapter is loaded frozen (``load_adapter(...,
+            trainable=True)`` resumes training).
         adapter_name: a Python identifier naming the adapter.
 
     Returns:
