@@ -99,6 +99,14 @@ def register_child(model: nn.Module, name: str, child: nn.Module, undo: UndoStac
     undo.push(unregister)
 
 
+def _shadow_save_pretrained(model: nn.Module, undo: UndoStack) -> None:
+    """While attached, ``model.save_pretrained`` also writes the adapters (Trainer checkpoints load);
+    see :mod:`prefix_hooks.checkpoint.model_saves`."""
+    from prefix_hooks.checkpoint import model_saves  # late: the checkpoint package imports this module
+
+    model_saves.acquire(model, undo)
+
+
 class Attachment(abc.ABC):
     """An adapter bound to one model, attachable as a context, a decorator or by hand.
 
@@ -161,6 +169,7 @@ class Attachment(abc.ABC):
                 try:
                     self._install(undo)
                     self._track(undo)
+                    _shadow_save_pretrained(self.model, undo)
                 except BaseException:
                     undo.unwind()
                     raise

@@ -1,5 +1,6 @@
 """The Trainer path: checkpoints written by ``Trainer(save_strategy="steps")`` inside an attached
-block load back with ``load_adapter(model, "…/checkpoint-N")`` (``SaveAdapterCallback``).
+block load back with ``load_adapter(model, "…/checkpoint-N")``, with unchanged training code
+(attached models' ``save_pretrained`` writes the adapter too) or with ``SaveAdapterCallback``.
 
 Oracles: the adapter's parameters recorded at each save (bit for bit), and the Trainer's own
 ``model.safetensors`` of the same checkpoint, which holds the live adapter tensors under the
@@ -62,7 +63,9 @@ class _Recorder(TrainerCallback):
         return control
 
 
-def _train(model: nn.Module, handle: Attachment, output_dir: Path) -> tuple[_Recorder, dict[int, str]]:
+def _train(
+    model: nn.Module, handle: Attachment, output_dir: Path, callback: bool = True
+) -> tuple[_Recorder, dict[int, str]]:
     recorder = _Recorder(handle)
     args = TrainingArguments(
         output_dir=str(output_dir),
@@ -85,17 +88,18 @@ def _train(model: nn.Module, handle: Attachment, output_dir: Path) -> tuple[_Rec
             model=model,
             args=args,
             train_dataset=_Examples(BATCH * STEPS),
-            callbacks=[SaveAdapterCallback(handle), recorder],
+            callbacks=[SaveAdapterCallback(handle), recorder] if callback else [recorder],
         )
         trainer.train()
     return recorder, keys
 
 
+@pytest.mark.parametrize("callback", [True, False], ids=["callback", "unchanged-code"])
 @pytest.mark.parametrize("method", list(METHODS))
-def test_trainer_checkpoints_load_back_exactly(tmp_path: Path, method: str) -> None:
+def test_trainer_checkpoints_load_back_exactly(tmp_path: Path, method: str, callback: bool) -> None:
     model = build_model("llama")
     handle = METHODS[method](model)
-    recorder, live_keys = _train(model, handle, tmp_path)
+    recorder, live_keys = _train(model, handle, tmp_path, callback)
     model.eval()
     assert sorted(recorder.saved) == [SAVE_STEPS, STEPS]
     assert not torch.equal(recorder.saved[SAVE_STEPS][0], recorder.saved[STEPS][0])  # it did train
@@ -131,3 +135,31 @@ def test_a_trainer_checkpoint_without_the_callback_says_how_to_fix_it(tmp_path: 
         FileNotFoundError, match=r"Trainer checkpoint: pass callbacks=\[SaveAdapterCallback\(handle\)\]"
     ):
         load_adapter(build_model("llama"), tmp_path)
+
+
+def test_save_pretrained_writes_the_adapters_only_while_attached(tmp_path: Path) -> None:
+    """Inside the block ``model.save_pretrained`` writes the model and the attached adapters
+    (one subfolder each when several are attached); outside it is the class's own method."""
+    from test_lifecycle import assert_untouched, snapshot
+
+    from prefix_hooks import attach
+
+    model = build_model("llama")
+    model.save_pretrained(tmp_path / "warm")  # transformers records config.architectures / dtype on a save
+    before = snapshot(model)
+    prefix = METHODS["prefix"](model)
+    lora = METHODS["lora"](model)
+    with attach(model, prefix, lora):
+        model.save_pretrained(tmp_path / "both")
+    with prefix:
+        model.save_pretrained(tmp_path / "one")
+    model.save_pretrained(tmp_path / "none")
+    assert_untouched(model, before)
+    assert "save_pretrained" not in vars(model)
+    assert (tmp_path / "one" / "adapter_config.json").is_file() and (tmp_path / "one" / "model.safetensors").is_file()
+    assert not (tmp_path / "none" / "adapter_config.json").exists()
+    loaded = load_adapter(build_model("llama"), tmp_path / "both")
+    assert sorted(type(part).__name__ for part in loaded.parts) == ["LoraAttachment", "PrefixAttachment"]  # type: ignore[attr-defined]
+    one = load_adapter(build_model("llama"), tmp_path / "one", trainable=True)
+    for ours, saved in zip(prefix.parameters(), one.parameters(), strict=True):
+        assert torch.equal(ours, saved)
