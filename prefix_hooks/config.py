@@ -92,6 +92,19 @@ class AdapterConfig:
     revision: str | None = None
     inference_mode: bool = False
 
+    def _check_common_fields(self) -> None:
+        """Validate the fields every method shares; each method's ``__post_init__`` calls this.
+
+        Raises:
+            ValueError: naming the field, its value and what is accepted.
+        """
+        for name in ("base_model_name_or_path", "revision"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{name}={value!r} is not accepted; expected a string or None")
+        if not isinstance(self.inference_mode, bool):
+            raise ValueError(f"inference_mode={self.inference_mode!r} is not accepted; expected a bool (True or False)")
+
     def to_dict(self) -> dict[str, Any]:
         """Flat JSON-ready dict of every field, our names (enums as strings, sets as sorted lists)."""
         out: dict[str, Any] = {}
@@ -210,6 +223,7 @@ class PrefixTuningConfig(AdapterConfig):
     peft_type: PeftType | str = field(default=PeftType.PREFIX_TUNING, kw_only=True)
 
     def __post_init__(self) -> None:
+        self._check_common_fields()
         check_positive_int("num_virtual_tokens", self.num_virtual_tokens, allow_none=False)
         for name in ("token_dim", "num_layers", "num_attention_heads", "encoder_hidden_size"):
             check_positive_int(name, getattr(self, name))

@@ -268,3 +268,14 @@ def test_projection_runs_once_without_grad_and_follows_parameter_changes(make_mo
     with_grad = encoder.prefix()  # grad enabled and trainable: always fresh, with a graph
     assert with_grad.requires_grad and calls["n"] == 3
     torch.testing.assert_close(with_grad.detach(), second)
+
+
+@pytest.mark.parametrize("name", ["base_model_name_or_path", "revision"])
+def test_common_string_fields_are_checked_for_every_method(name: str) -> None:
+    """``AdapterConfig``'s shared fields are validated when any method's config is built directly."""
+    from prefix_hooks import IA3Config, LoraConfig, PromptEncoderConfig, PromptTuningConfig
+
+    bad: dict[str, Any] = {name: 3}
+    for config_type in (PrefixTuningConfig, PromptTuningConfig, PromptEncoderConfig, LoraConfig, IA3Config):
+        with pytest.raises(ValueError, match=rf"{name}=3 is not accepted; expected a string or None"):
+            config_type(**bad)

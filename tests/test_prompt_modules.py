@@ -468,7 +468,7 @@ CONFIG_ERRORS: list[tuple[type, dict[str, Any], str]] = [
     ),
     (PromptTuningConfig, {"modules_to_save": "score"}, r"modules_to_save='score' is not accepted"),
     (PromptEncoderConfig, {"modules_to_save": ["score", ""]}, r"modules_to_save=\['score', ''\] is not accepted"),
-    (PromptTuningConfig, {"inference_mode": 1}, r"inference_mode=1 is not accepted; expected True or False"),
+    (PromptTuningConfig, {"inference_mode": 1}, r"inference_mode=1 is not accepted; expected a bool \(True or False\)"),
     (PromptTuningConfig, {"keep_virtual_outputs": "yes"}, r"keep_virtual_outputs='yes' is not accepted"),
     (PromptTuningConfig, {"task_type": "TRANSLATE"}, r"task_type='TRANSLATE' is not accepted; expected one of"),
     (

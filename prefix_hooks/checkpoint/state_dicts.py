@@ -67,3 +67,8 @@ def copy_into(given: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Te
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(given[key])
+
+
+def cpu_copies(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU copies: later training does not change what was saved."""
+    return {key: tensor.detach().to("cpu", copy=True).contiguous() for key, tensor in tensors.items()}

@@ -84,10 +84,7 @@ class IA3Config(AdapterConfig):
         task_type = self._checked_task_type()
         if self.peft_type != IA3_PEFT_TYPE:
             raise ValueError(f"peft_type={self.peft_type!r} is not accepted; expected {IA3_PEFT_TYPE.value!r}")
-        for name in ("base_model_name_or_path", "revision"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, str):
-                raise ValueError(f"{name}={value!r} is not accepted; expected a string or None")
+        self._check_common_fields()
         # Everything is valid: store the normalised values.
         self.target_modules = target_modules
         self.exclude_modules = exclude_modules

@@ -92,6 +92,7 @@ class PromptLearningConfig(AdapterConfig):
     keep_virtual_outputs: bool = False
 
     def __post_init__(self) -> None:
+        self._check_common_fields()
         check_positive_int("num_virtual_tokens", self.num_virtual_tokens, allow_none=False)
         for name in ("token_dim", "num_attention_heads", "num_layers"):
             check_positive_int(name, getattr(self, name))
@@ -109,7 +110,6 @@ class PromptLearningConfig(AdapterConfig):
             )
         if self.modules_to_save is not None:
             self.modules_to_save = list(self.modules_to_save)
-        _check_bool("inference_mode", self.inference_mode)
         _check_bool("keep_virtual_outputs", self.keep_virtual_outputs)
         if self.task_type is not None:
             self.task_type = _enum_value(TaskType, "task_type", self.task_type)

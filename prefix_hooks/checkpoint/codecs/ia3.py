@@ -17,7 +17,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from prefix_hooks.checkpoint.codec import SavedAdapter, register_codec
-from prefix_hooks.checkpoint.state_dicts import check_state_dict, loading_config
+from prefix_hooks.checkpoint.state_dicts import check_state_dict, cpu_copies, loading_config
 from prefix_hooks.ia3.attachment import IA3Attachment
 from prefix_hooks.ia3.config import IA3Config
 from prefix_hooks.ia3.targets import task_modules_to_save
@@ -47,7 +47,7 @@ class IA3Codec:
         )
         return SavedAdapter(
             config=config,
-            tensors={key: tensor.to("cpu", copy=True).contiguous() for key, tensor in tensors.items()},
+            tensors=cpu_copies(tensors),
             extra={},
         )
 

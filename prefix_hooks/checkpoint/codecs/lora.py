@@ -34,7 +34,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from prefix_hooks.checkpoint.codec import SavedAdapter, register_codec
-from prefix_hooks.checkpoint.state_dicts import check_state_dict, copy_into, loading_config, some
+from prefix_hooks.checkpoint.state_dicts import check_state_dict, copy_into, cpu_copies, loading_config, some
 from prefix_hooks.lora import swaps
 from prefix_hooks.lora.attachment import LoraAttachment
 from prefix_hooks.lora.config import LoraConfig
@@ -164,7 +164,7 @@ class LoraCodec:
         )
         return SavedAdapter(
             config=config,
-            tensors={key: tensor.to("cpu", copy=True).contiguous() for key, tensor in tensors.items()},
+            tensors=cpu_copies(tensors),
             extra={},
         )
 

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from prefix_hooks.checkpoint.codec import SavedAdapter, register_codec
-from prefix_hooks.checkpoint.state_dicts import check_state_dict, copy_into
+from prefix_hooks.checkpoint.state_dicts import check_state_dict, copy_into, cpu_copies
 from prefix_hooks.config import EncoderDecoderLayout, PrefixTuningConfig
 from prefix_hooks.prefix import PrefixAttachment
 from prefix_hooks.prefix_encoder import PrefixEncoder
@@ -69,11 +69,6 @@ def explicit_modules_to_save(modules_to_save: list[str] | None, task_type: Any) 
     implied = set(task_heads(task_type))
     names = [name for name in dict.fromkeys(modules_to_save or []) if name not in implied]
     return names or None
-
-
-def cpu_copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Contiguous CPU copies: later training does not change what was saved."""
-    return {key: tensor.detach().to("cpu", copy=True).contiguous() for key, tensor in tensors.items()}
 
 
 def check_folded_matches(

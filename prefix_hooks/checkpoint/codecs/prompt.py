@@ -26,11 +26,10 @@ from prefix_hooks.checkpoint.codec import SavedAdapter, register_codec
 from prefix_hooks.checkpoint.codecs.prefix import (
     PROMPT_KEY,
     check_folded_matches,
-    cpu_copies,
     explicit_modules_to_save,
     saved_module_tensors,
 )
-from prefix_hooks.checkpoint.state_dicts import check_state_dict, copy_into
+from prefix_hooks.checkpoint.state_dicts import check_state_dict, copy_into, cpu_copies
 from prefix_hooks.prompt.attachment import PromptAttachment
 from prefix_hooks.prompt.config import PromptEncoderConfig, PromptTuningConfig, PromptTuningInit
 from prefix_hooks.prompt.modules import PromptEncoder, prompt_embeddings_to_save
