@@ -8,6 +8,8 @@ Methods: prefix tuning (:func:`attach_prefix`), LoRA (:func:`attach_lora`), prom
 P-tuning (:func:`attach_prompt`), IA3 (:func:`attach_ia3`); several at once with :func:`attach`.
 """
 
+import logging
+
 from prefix_hooks.attachment import Attachment, attachments_of
 from prefix_hooks.checkpoint import CheckpointError, SaveAdapterCallback, load_adapter, save_adapter
 from prefix_hooks.compose import MultiAttachment, attach, register_method
@@ -79,3 +81,7 @@ register_method(LoraConfig, attach_lora)
 register_method(PromptTuningConfig, attach_prompt)
 register_method(PromptEncoderConfig, attach_prompt)
 register_method(IA3Config, attach_ia3)
+
+# A library never configures logging: records go nowhere unless the application sets up handlers
+# (e.g. ``logging.basicConfig(level=logging.INFO)``).
+logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -13,6 +13,7 @@ import abc
 import contextlib
 import contextvars
 import inspect
+import logging
 import os
 import threading
 import weakref
@@ -107,6 +108,19 @@ def _shadow_save_pretrained(model: nn.Module, undo: UndoStack) -> None:
     model_saves.acquire(model, undo)
 
 
+logger = logging.getLogger(__name__)
+"""Attach/detach events at INFO, failed attaches at DEBUG (silent unless the application configures logging)."""
+
+
+def _counted_numel(parameter: nn.Parameter) -> int:
+    """Elements of ``parameter`` as PEFT counts them: bitsandbytes' 4-bit weights pack two values
+    per byte of their storage, so each stored element counts ``2 * element_size()``."""
+    count = parameter.numel()
+    if type(parameter).__name__ == "Params4bit":
+        count *= 2 * parameter.element_size()
+    return count
+
+
 class Attachment(abc.ABC):
     """An adapter bound to one model, attachable as a context, a decorator or by hand.
 
@@ -164,7 +178,11 @@ class Attachment(abc.ABC):
         """
         with self._lock:
             if self._depth == 0:
-                self._check_can_attach()
+                try:
+                    self._check_can_attach()
+                except BaseException:
+                    logger.debug("attaching %s was refused; the model is untouched", self._describe())
+                    raise
                 undo = UndoStack()
                 try:
                     self._install(undo)
@@ -172,10 +190,15 @@ class Attachment(abc.ABC):
                     _shadow_save_pretrained(self.model, undo)
                 except BaseException:
                     undo.unwind()
+                    logger.debug("attaching %s failed; the model was restored", self._describe())
                     raise
                 self._undo = undo
+                logger.info("attached %s", self._describe())
             self._depth += 1
         return self
+
+    def _describe(self) -> str:
+        return f"{type(self).__name__} {self.adapter_name!r} to {type(self.model).__name__}"
 
     def detach(self) -> None:
         """Undo one ``attach``; the last one restores the model exactly.
@@ -198,6 +221,7 @@ class Attachment(abc.ABC):
                 undo, self._undo = self._undo, None
                 assert undo is not None
                 undo.unwind()
+                logger.info("detached %s; the model is restored", self._describe().replace(" to ", " from ", 1))
 
     def _track(self, undo: UndoStack) -> None:
         with _attached_lock:
@@ -305,11 +329,11 @@ class Attachment(abc.ABC):
         """``(trainable, all)`` as PEFT counts them: adapter plus base parameters."""
         adapter = {id(p): p for p in self.parameters()}
         base = [p for p in self.model.parameters() if id(p) not in adapter]
-        total = sum(p.numel() for p in base) + sum(p.numel() for p in adapter.values())
-        trainable = sum(p.numel() for p in adapter.values() if p.requires_grad)
+        total = sum(map(_counted_numel, base)) + sum(map(_counted_numel, adapter.values()))
+        trainable = sum(_counted_numel(p) for p in adapter.values() if p.requires_grad)
         if not self.is_attached:
             return trainable, total
-        trainable += sum(p.numel() for p in base if p.requires_grad)
+        trainable += sum(_counted_numel(p) for p in base if p.requires_grad)
         return trainable, total
 
     def print_trainable_parameters(self) -> None:
