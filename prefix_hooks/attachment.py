@@ -23,6 +23,8 @@ from typing import Any, TypeVar, cast
 import wrapt
 from torch import nn
 
+from prefix_hooks import compiled
+
 F = TypeVar("F", bound=Callable[..., Any])
 A = TypeVar("A", bound="Attachment")
 
@@ -73,15 +75,24 @@ def freeze_parameters(model: nn.Module, undo: UndoStack) -> None:
     attached = attachments_of(model)
     adapter_ids = {id(parameter) for attachment in attached for parameter in attachment.parameters()}
     adapter_ids |= {id(parameter) for attachment in attached for parameter in attachment.trained_base_parameters()}
-    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters() if id(parameter) not in adapter_ids]
+    # recorded by (module, name): a wrapper may replace the parameter objects while attached
+    # (FSDP2's fully_shard swaps in DTensor parameters), and the flags belong to whatever is there
+    flags = [
+        (module, name, parameter.requires_grad)
+        for module in model.modules()
+        for name, parameter in module._parameters.items()
+        if parameter is not None and id(parameter) not in adapter_ids
+    ]
 
     def restore() -> None:
-        for parameter, flag in flags:
-            parameter.requires_grad_(flag)
+        for module, name, flag in flags:
+            parameter = module._parameters.get(name)
+            if parameter is not None:
+                parameter.requires_grad_(flag)
 
     undo.push(restore)
-    for parameter, _ in flags:
-        parameter.requires_grad_(False)
+    for module, name, _ in flags:
+        module._parameters[name].requires_grad_(False)  # type: ignore[union-attr]
 
 
 def register_child(model: nn.Module, name: str, child: nn.Module, undo: UndoStack) -> None:
@@ -179,6 +190,7 @@ class Attachment(abc.ABC):
         with self._lock:
             if self._depth == 0:
                 try:
+                    compiled.prepare_for_attach(self.model)  # compiled graphs would ignore new hooks
                     self._check_can_attach()
                 except BaseException:
                     logger.debug("attaching %s was refused; the model is untouched", self._describe())

@@ -27,12 +27,25 @@ from torch import nn
 from prefix_hooks import attention_interposer, parameter_versions
 from prefix_hooks.attachment import Attachment, UndoStack, attachments_of, freeze_parameters, register_child
 from prefix_hooks.config import PrefixTuningConfig, resolve_prefix_config
+from prefix_hooks.devices import compute_device
 from prefix_hooks.families import ArchitectureAdapter, AttentionSite, ModelDims, adapter_for
 from prefix_hooks.families.base import ForwardCall
 from prefix_hooks.prefix_encoder import PrefixEncoder
 from prefix_hooks.prefix_views import LayerViews, expanded
 from prefix_hooks.saved_modules import SavedModules, task_heads
 from prefix_hooks.splice import SUPPORTED_IMPLEMENTATIONS, Backend, backend_of
+
+
+class SpliceCount:
+    """How many attention layers took the prefix during one forward.
+
+    Not a dataclass, so the copies of the state that FSDP2 makes (``dataclasses.replace``, to
+    wrap the prefix tensor once per sharded layer) all count into the one object."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
 
 
 @dataclass
@@ -53,10 +66,15 @@ class PrefixForwardState:
     rebuild: Callable[[], torch.Tensor]
     mask_cache: dict[Any, tuple[Any, Any]] = field(default_factory=dict)
     position_offset: int = 0
-    spliced: int = 0
+    splice_count: SpliceCount = field(default_factory=SpliceCount)  # shared by copies of this state
     views: LayerViews = field(default_factory=LayerViews)
     _no_grad_calls: bool = False
     _parts: tuple[torch.Tensor, ...] | None = None  # kv split into 2L (kv_heads, P, D) tensors, once per forward
+
+    @property
+    def spliced(self) -> int:
+        """Attention layers that took the prefix so far in this forward (across copies of the state)."""
+        return self.splice_count.value
 
     def prefix_for(
         self, module: nn.Module, batch: int | None = None, dtype: torch.dtype | None = None
@@ -67,7 +85,7 @@ class PrefixForwardState:
         layer = self.layer_of.get(module)
         if layer is None:
             return None
-        self.spliced += 1
+        self.splice_count.value += 1
         kv = self.kv
         parts = self._parts
         if kv.requires_grad and not torch.is_grad_enabled():
@@ -130,13 +148,6 @@ def _model_dims(
     return dims, sites
 
 
-def _first_parameter_device(model: nn.Module) -> torch.device:
-    for parameter in model.parameters():
-        if parameter.device.type != "meta":
-            return parameter.device
-    return torch.device("cpu")
-
-
 class PrefixAttachment(Attachment):
     """A prefix-tuning adapter for one model; see :func:`attach_prefix`.
 
@@ -168,7 +179,7 @@ class PrefixAttachment(Attachment):
         # the state of the forward running in this thread / task (or of the last one, which a
         # gradient-checkpointing recomputation during backward needs); read by per-site hooks
         self._current: ContextVar[PrefixForwardState | None] = ContextVar(f"prefix_hooks_{adapter_name}", default=None)
-        self.encoder = PrefixEncoder(self.config).to(_first_parameter_device(model))
+        self.encoder = PrefixEncoder(self.config).to(compute_device(model))
         self.encoder.requires_grad_(not self.config.inference_mode)
         self.saved_modules = SavedModules(
             model, config.modules_to_save or [], task_heads(config.task_type), adapter_name,

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from prefix_hooks.attachment import Attachment, UndoStack, freeze_parameters, register_child
+from prefix_hooks.devices import offload_aware_device
 from prefix_hooks.ia3 import scaling
 from prefix_hooks.ia3.config import IA3Config
 from prefix_hooks.ia3.targets import Target, select_targets, task_modules_to_save
@@ -58,10 +59,12 @@ def _vector_for(target: Target, init_ones: bool, trainable: bool) -> nn.Paramete
         in_features, out_features = weight.shape
     shape = (1, in_features) if target.feedforward else (out_features, 1)
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32  # PEFT upcasts fp16/bf16
+    # a weight offloaded by accelerate sits on meta: the vector goes where the module computes
+    device = offload_aware_device(target.module, weight)
     if init_ones:
-        values = torch.ones(shape, dtype=dtype, device=weight.device)
+        values = torch.ones(shape, dtype=dtype, device=device)
     else:
-        values = torch.randn(shape).to(weight.device, dtype)
+        values = torch.randn(shape).to(device, dtype)
     return nn.Parameter(values, requires_grad=trainable)
 
 

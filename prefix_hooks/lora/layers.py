@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from prefix_hooks.devices import offload_aware_device
 from prefix_hooks.lora.rows import BASE_ROW, current_adapter_rows
 
 InitLoraWeights = bool | Literal["gaussian"]
@@ -311,7 +312,9 @@ class LoraLayer(nn.Module):
         return _weight(self.base_layer)
 
     def _weight_device(self) -> torch.device:
-        return self.base_weight().device
+        """Where the adapter factors live: the base weight's device, or, for a weight offloaded by
+        accelerate (on ``meta``), the device its hook computes on."""
+        return offload_aware_device(self.base_layer, self.base_weight())
 
     def _init_linear_factors(self, name: str, init_lora_weights: InitLoraWeights) -> None:
         # lora_A/lora_B were just built with their default (Kaiming-uniform) init, as PEFT builds them

@@ -40,6 +40,7 @@ from transformers.cache_utils import Cache
 from prefix_hooks import parameter_versions
 from prefix_hooks.attachment import Attachment, UndoStack, attachments_of, freeze_parameters, register_child
 from prefix_hooks.config import TaskType
+from prefix_hooks.devices import compute_device
 from prefix_hooks.families.base import ForwardCall
 from prefix_hooks.prefix import PrefixAttachment
 from prefix_hooks.prompt.config import PromptEncoderConfig, PromptTuningConfig
@@ -121,6 +122,45 @@ def _labels_per_token(model: nn.Module, config: PromptTuningConfig | PromptEncod
     return type(model).__name__.endswith(_PER_TOKEN_CLASS_SUFFIXES)
 
 
+def _predicts_next_token(model: nn.Module, config: PromptTuningConfig | PromptEncoderConfig) -> bool:
+    """Whether ``model``'s loss shifts the labels (a causal LM)."""
+    if config.task_type is not None:
+        return config.task_type == TaskType.CAUSAL_LM
+    return type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+
+
+def _pools_last_position(model: nn.Module) -> bool:
+    """Whether ``model`` is a decoder classifier (transformers' generic ``...ForSequenceClassification``
+    with a ``score`` head), which pools the last non-pad token found from ``input_ids``."""
+    return type(model).__name__.endswith("ForSequenceClassification") and isinstance(
+        getattr(model, "score", None), nn.Module
+    )
+
+
+_MISSING = object()
+
+
+def _report_mean_loss_to_trainer(model: nn.Module, undo: UndoStack) -> None:
+    """Make a ``Trainer`` built while attached use the model's mean loss (``accepts_loss_kwargs =
+    False`` on the instance, removed again by ``undo``).
+
+    Trainer otherwise passes ``num_items_in_batch``, counted as the labels a causal LM predicts
+    without a prompt (``labels[..., 1:]``); with a prompt the model also predicts the first real
+    token from the last virtual one, so the summed loss divided by that count is ``L / (L - 1)``
+    too large (PEFT's Trainer losses are). Trainer then averages micro-batch losses itself.
+    """
+    previous = vars(model).get("accepts_loss_kwargs", _MISSING)
+    vars(model)["accepts_loss_kwargs"] = False
+
+    def restore() -> None:
+        if previous is _MISSING:
+            vars(model).pop("accepts_loss_kwargs", None)
+        else:
+            vars(model)["accepts_loss_kwargs"] = previous
+
+    undo.push(restore)
+
+
 def _filled_cache(cache: object) -> Cache | None:
     """``cache`` if it already holds positions, ``None`` if it is absent or empty.
 
@@ -135,13 +175,6 @@ def _filled_cache(cache: object) -> Cache | None:
             "transformers Cache (e.g. DynamicCache)"
         )
     return cache if cache.get_seq_length() else None
-
-
-def _first_parameter_device(model: nn.Module) -> torch.device:
-    for parameter in model.parameters():
-        if parameter.device.type != "meta":
-            return parameter.device
-    return torch.device("cpu")
 
 
 class PromptAttachment(Attachment):
@@ -172,7 +205,7 @@ class PromptAttachment(Attachment):
         self.config = resolve_prompt_config(config, model)
         self.num_virtual_tokens = self.config.num_virtual_tokens
         self.prompt_encoder: PromptEmbedding | PromptEncoder = build_prompt_module(self.config, word_embeddings)
-        self.prompt_encoder.to(_first_parameter_device(model))
+        self.prompt_encoder.to(compute_device(word_embeddings))
         self.prompt_encoder.requires_grad_(not self.config.inference_mode)
         self.saved_modules = SavedModules(
             model, config.modules_to_save or [], task_heads(config.task_type), adapter_name,
@@ -182,6 +215,8 @@ class PromptAttachment(Attachment):
         self._prompt_root = _Root.of(root)
         self._decoder = _Root.of(model.get_decoder()) if self._encoder_decoder else None  # type: ignore[operator]
         self._labels_per_token = _labels_per_token(model, self.config)
+        self._shifts_labels = self._labels_per_token and _predicts_next_token(model, self.config)
+        self._pools_last_position = _pools_last_position(model) and not self._encoder_decoder
         self._child_name = f"prompt_hooks_{adapter_name}"
         # what the prompt root's pre-hook did to the forward running in this thread / task
         self._prepended: ContextVar[_Prepended | None] = ContextVar(f"prompt_hooks_{adapter_name}", default=None)
@@ -220,6 +255,8 @@ class PromptAttachment(Attachment):
         freeze_parameters(self.model, undo)
         register_child(self.model, self._child_name, self.prompt_encoder, undo)
         self.saved_modules.install(undo)
+        if self._shifts_labels and not self._encoder_decoder:
+            _report_mean_loss_to_trainer(self.model, undo)
         root = self._prompt_root
         hook = root.module.register_forward_pre_hook(functools.partial(self._prepend, root), with_kwargs=True)
         undo.push(hook.remove)
@@ -261,6 +298,14 @@ class PromptAttachment(Attachment):
             )
         if mask is not None and mask.dim() != 2:
             prepend_mask(mask, self.num_virtual_tokens)  # raises the error naming the shape
+        if self._pools_last_position and mask is not None and not bool(mask[:, -1].all()):
+            rows = (mask[:, -1] == 0).nonzero().flatten().tolist()
+            raise ValueError(
+                f"rows {rows} of the batch are right-padded: {type(module).__name__} classifies the last non-pad "
+                "token, which it finds from input_ids, and prompt tuning replaces input_ids by inputs_embeds, so "
+                "these rows would be classified at a pad position (PEFT does so silently). Pad on the left "
+                "(tokenizer.padding_side = 'left') or classify one text per call"
+            )
         cache = _filled_cache(given_cache)
         if cache is not None:
             return self._continue(call, cache)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer
 
+from prefix_hooks.devices import offload_aware_device
 from prefix_hooks.parameter_versions import parameter_key
 from prefix_hooks.prompt.config import (
     PromptConfig,
@@ -198,7 +199,7 @@ def _embedding_rows(
             f"[0, {vocab}); the tokenizer does not match the model"
         )
     with torch.no_grad():
-        rows = word_embeddings(ids.to(word_weight.device))  # (T, token_dim)
+        rows = word_embeddings(ids.to(offload_aware_device(word_embeddings, word_weight)))  # (T, token_dim)
     return rows.detach().clone().to(torch.float32)
 
 
@@ -254,8 +255,8 @@ class PromptEmbedding(nn.Module):
             assert word_embeddings is not None and word_weight is not None
             rows = _embedding_rows(word_embeddings, word_weight, ids, init)  # (T, token_dim)
             self.embedding.weight = nn.Parameter(rows)
-        if word_weight is not None:
-            self.to(word_weight.device)
+        if word_embeddings is not None and word_weight is not None:
+            self.to(offload_aware_device(word_embeddings, word_weight))  # not meta when accelerate offloads them
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         """``(B, T)`` indices in ``[0, T)`` -> ``(B, T, token_dim)`` embeddings."""
@@ -377,8 +378,8 @@ def build_prompt_module(config: PromptConfig, word_embeddings: nn.Module | None)
     if isinstance(config, PromptEncoderConfig):
         module = PromptEncoder(config)
         word_weight = _embedding_weight(word_embeddings)
-        if word_weight is not None:
-            module.to(word_weight.device)
+        if word_embeddings is not None and word_weight is not None:
+            module.to(offload_aware_device(word_embeddings, word_weight))  # not meta when accelerate offloads them
         return module
     raise TypeError(
         f"config={type(config).__name__} is not accepted; expected a PromptTuningConfig or PromptEncoderConfig"
