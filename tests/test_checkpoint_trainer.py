@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
+from shared_fixtures import CausalRows
 from tiny_models import build_model, random_batch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -36,19 +37,8 @@ METHODS: dict[str, Callable[[nn.Module], Attachment]] = {
 }
 
 
-class _Examples(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
-    def __init__(self, count: int) -> None:
-        batch = random_batch(count, LENGTH, seed=5)
-        self.rows = [
-            {"input_ids": ids, "attention_mask": mask, "labels": ids.clone()}
-            for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)
-        ]
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return self.rows[index]
+def _examples(count: int) -> CausalRows:
+    return CausalRows(count, LENGTH, seed=5)
 
 
 class _Recorder(TrainerCallback):
@@ -87,7 +77,7 @@ def _train(
         trainer = Trainer(
             model=model,
             args=args,
-            train_dataset=_Examples(BATCH * STEPS),
+            train_dataset=_examples(BATCH * STEPS),
             callbacks=[SaveAdapterCallback(handle), recorder] if callback else [recorder],
         )
         trainer.train()

@@ -10,9 +10,7 @@ training the head alone (plain transformers, same steps).
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -20,6 +18,7 @@ from typing import Any
 import peft
 import pytest
 import torch
+from shared_fixtures import load_example
 
 from prefix_hooks import LoraConfig, attach, attach_lora
 
@@ -31,12 +30,7 @@ COUNTS = re.compile(r"trainable params: ([\d,]+) \|\| all params: ([\d,]+) \|\| 
 
 
 def _load_example() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("image_classification_lora_example", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    return load_example(EXAMPLE, "image_classification_lora_example")
 
 
 @pytest.fixture(scope="module")

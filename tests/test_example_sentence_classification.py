@@ -7,14 +7,13 @@ and a fresh model with a different head reproduces the trained logits exactly.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections import Counter
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 from safetensors.torch import load_file
+from shared_fixtures import load_example
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sentence_classification.py"
 STEPS = 30
@@ -22,12 +21,7 @@ P = 4
 
 
 def _load_example() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("sentence_classification_example", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    return load_example(EXAMPLE, "sentence_classification_example")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ adapter's own parameter count, and a freshly built base model.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import socket
 import subprocess
@@ -16,12 +15,12 @@ import sys
 from argparse import Namespace
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
+from shared_fixtures import load_example
 from test_lifecycle import assert_untouched, snapshot, warm_up
 from torch.nn.parallel import DistributedDataParallel
 
@@ -33,15 +32,7 @@ TOL = 1e-5
 LAUNCH_TIMEOUT = 300  # seconds
 
 
-def load_example(path: Path = EXAMPLE) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-example = load_example()
+example = load_example(EXAMPLE)
 
 
 def free_port() -> int:

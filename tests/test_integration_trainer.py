@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 import torch
+from shared_fixtures import CausalRows
 from test_pipelines import tiny_model as tiny_causal_lm
 from tiny_models import random_batch
 from torch import nn
@@ -71,21 +72,11 @@ def attach(model: nn.Module, method: str, seed: int = 1) -> Attachment:
     return handle
 
 
-class Rows(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
+class Rows(CausalRows):
     """``count`` causal-LM rows of ``LENGTH`` random tokens (labels = inputs), no padding."""
 
     def __init__(self, count: int, seed: int) -> None:
-        batch = random_batch(count, LENGTH, seed=seed)
-        self.rows = [
-            {"input_ids": ids, "attention_mask": mask, "labels": ids.clone()}
-            for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)
-        ]
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return self.rows[index]
+        super().__init__(count, LENGTH, seed)
 
 
 class Recorder(TrainerCallback):

@@ -1,0 +1,40 @@
+"""Small helpers several test modules share: loading an example script as a module, and a
+causal-LM dataset for Trainer tests."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from tiny_models import random_batch
+
+
+def load_example(path: Path, name: str | None = None) -> ModuleType:
+    """Import the script at ``path`` as a module named ``name`` (default: its file stem), registered in
+    ``sys.modules`` (dataclasses look their module up by name)."""
+    spec = importlib.util.spec_from_file_location(name or path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+class CausalRows(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
+    """``count`` causal-LM rows of ``length`` random tokens (labels = inputs), no padding."""
+
+    def __init__(self, count: int, length: int, seed: int) -> None:
+        batch = random_batch(count, length, seed=seed)
+        self.rows = [
+            {"input_ids": ids, "attention_mask": mask, "labels": ids.clone()}
+            for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.rows[index]
