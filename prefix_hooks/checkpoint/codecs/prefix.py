@@ -102,6 +102,29 @@ def folded_prefix(encoder: PrefixEncoder) -> torch.Tensor:
         return (encoder.transform(weight) if encoder.prefix_projection else weight).detach()  # (P, L*2*token_dim)
 
 
+def generative_task_type(model: nn.Module) -> str | None:
+    """PEFT's ``task_type`` for a generative ``model`` (``CAUSAL_LM`` / ``SEQ_2_SEQ_LM``), else ``None``.
+
+    Written into a saved prompt-learning config that has none: PEFT loads a folder without a
+    task type as a bare ``PeftModel``, whose forward never applies a prefix or prompt (silently
+    the base model). The generative tasks imply no task head, so our own loader reads such a
+    folder exactly as before; other tasks are left alone (their heads would be implied).
+    """
+    name = type(model).__name__
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return "SEQ_2_SEQ_LM" if name.endswith(("ForConditionalGeneration", "ForSeq2SeqLM")) else None
+    return "CAUSAL_LM" if name.endswith(("ForCausalLM", "LMHeadModel")) else None
+
+
+def peft_loadable_config(saved_config: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+    """``saved_config`` as PEFT's ``save_pretrained`` writes it: ``inference_mode`` true, and a
+    generative ``task_type`` filled in where the config has none (:func:`generative_task_type`)."""
+    saved_config["inference_mode"] = True
+    if saved_config.get("task_type") is None:
+        saved_config["task_type"] = generative_task_type(model)
+    return saved_config
+
+
 def _meta_encoder(config: PrefixTuningConfig) -> PrefixEncoder:
     """The projection form of ``config`` on the meta device: its state_dict gives the extra file's shapes."""
     with torch.device("meta"):
@@ -118,7 +141,8 @@ class PrefixCodec:
         """The folded prefix (PEFT's ``prompt_embeddings``), the modules_to_save copies and, for a
         trainable projection, the unfolded encoder in the extra file (CPU copies).
 
-        The config says ``inference_mode: true``, as PEFT's ``save_pretrained`` writes it.
+        The config says ``inference_mode: true``, as PEFT's ``save_pretrained`` writes it, and
+        names the generative task type when it had none (:func:`peft_loadable_config`).
 
         Raises:
             TypeError: ``handle`` is not a :class:`PrefixAttachment`.
@@ -129,8 +153,7 @@ class PrefixCodec:
         key = FULL_LAYOUT_KEY if config.encoder_decoder_layout == EncoderDecoderLayout.FULL else PROMPT_KEY
         tensors = {key: folded_prefix(handle.encoder), **saved_module_tensors(handle.saved_modules)}
         extra = dict(handle.encoder.state_dict(keep_vars=True)) if handle.encoder.prefix_projection else {}
-        saved_config = config.to_json_dict()
-        saved_config["inference_mode"] = True
+        saved_config = peft_loadable_config(config.to_json_dict(), handle.model)
         return SavedAdapter(config=saved_config, tensors=cpu_copies(tensors), extra=cpu_copies(extra))
 
     def load(

@@ -27,6 +27,7 @@ from prefix_hooks.checkpoint.codecs.prefix import (
     PROMPT_KEY,
     check_folded_matches,
     explicit_modules_to_save,
+    peft_loadable_config,
     saved_module_tensors,
 )
 from prefix_hooks.checkpoint.state_dicts import check_state_dict, copy_into, cpu_copies
@@ -58,7 +59,8 @@ class PromptCodec:
         """The prompt (PEFT's ``prompt_embeddings``), the modules_to_save copies and, for P-tuning
         with its head, the whole encoder in the extra file (CPU copies).
 
-        The config says ``inference_mode: true``, as PEFT's ``save_pretrained`` writes it.
+        The config says ``inference_mode: true``, as PEFT's ``save_pretrained`` writes it, and
+        names the generative task type when it had none (``peft_loadable_config``).
 
         Raises:
             TypeError: ``handle`` is not a :class:`PromptAttachment`.
@@ -69,8 +71,7 @@ class PromptCodec:
         tensors = {PROMPT_KEY: prompt_embeddings_to_save(module), **saved_module_tensors(handle.saved_modules)}
         head = isinstance(module, PromptEncoder) and module.has_head
         extra = dict(module.state_dict(keep_vars=True)) if head else {}
-        saved_config = handle.config.to_json_dict()
-        saved_config["inference_mode"] = True
+        saved_config = peft_loadable_config(handle.config.to_json_dict(), handle.model)
         return SavedAdapter(config=saved_config, tensors=cpu_copies(tensors), extra=cpu_copies(extra))
 
     def load(
