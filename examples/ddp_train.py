@@ -1,7 +1,7 @@
 """Distributed training of an attached adapter: DDP (or FSDP2, or accelerate) with torchrun, gloo on CPU.
 
     torchrun --nproc_per_node 2 examples/ddp_train.py --method lora prefix
-    torchrun --nproc_per_node 2 examples/ddp_train.py --mode fsdp --method lora prefix prompt
+    torchrun --nproc_per_node 2 examples/ddp_train.py --mode fsdp --method lora prefix prompt ia3
     torchrun --nproc_per_node 2 examples/ddp_train.py --mode accelerate --method lora
     python examples/ddp_train.py --mode single --method lora     # the same global batch in one process
 
@@ -10,8 +10,8 @@ adapter, and only then wraps the model. Attach BEFORE wrapping: DDP records the 
 require grad when it is constructed, so attaching first means it sees exactly the adapter's
 parameters (attach froze the base) and all-reduces only their gradients; a parameter added after
 wrapping would never be synchronised, so attaching another adapter means building a new wrapper.
-FSDP2's ``fully_shard`` likewise converts the parameters present when it is called. (IA)^3 is
-refused with FSDP: its hooks hold the vectors, which ``fully_shard`` replaces by sharded DTensors.
+FSDP2's ``fully_shard`` likewise converts the parameters present when it is called (the
+adapters read their parameters from the model at every call, so the replaced ones are used).
 
 Every rank trains on its own slice of one global batch; the gradients are averaged over the
 ranks, so the result equals one process training on the whole batch (mean loss). At the end the
@@ -135,11 +135,6 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
 
 def train(method: str, args: argparse.Namespace, rank: int, world: int, accelerator: Any = None) -> None:
     """Attach ``method``, wrap, train ``args.steps`` steps on this rank's slice, detach; save if ``args.out``."""
-    if method == "ia3" and args.mode == "fsdp":
-        raise ValueError(
-            "method='ia3' is not supported with --fsdp: the (IA)^3 hooks hold the vectors themselves, and "
-            "fully_shard replaces the module parameters by sharded DTensors, so the vectors would never train"
-        )
     model = build_model()
     handle = attach_method(model, method).attach()  # attach BEFORE wrapping: DDP records parameters now
     trainable_numel = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -135,10 +135,10 @@ def test_cache_generate_equals_generate_without_cache(cell: Cell) -> None:
     model = cell.build(cell.family, cell.backend, 0)
     inputs = cell.inputs(cell.family)
     handle = _randomised_prefix(model)
-    settings: dict[str, Any] = dict(
-        max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0,
-        return_dict_in_generate=True, output_logits=True,
-    )
+    settings: dict[str, Any] = {
+        "max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS, "do_sample": False, "pad_token_id": 0,
+        "return_dict_in_generate": True, "output_logits": True,
+    }
     with handle, torch.no_grad():
         cached = model.generate(**inputs, use_cache=True, **settings)  # type: ignore[operator]
         uncached = model.generate(**inputs, use_cache=False, **settings)  # type: ignore[operator]

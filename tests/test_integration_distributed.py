@@ -12,7 +12,6 @@ import os
 import socket
 import subprocess
 import sys
-from argparse import Namespace
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ddp_train.py"
 DDP_METHODS = ("prefix", "lora", "prompt", "ia3")
-FSDP_METHODS = ("prefix", "lora", "prompt")  # ia3 is refused with fsdp (see test_fsdp_refuses_ia3)
+FSDP_METHODS = DDP_METHODS
 STEPS = 5
 TOL = 1e-5
 LAUNCH_TIMEOUT = 300  # seconds
@@ -170,9 +169,3 @@ def test_detach_under_ddp_leaves_no_trace(one_process_group: None, method: str) 
     handle.detach()
     del wrapped
     assert_untouched(model, before)
-
-
-def test_fsdp_refuses_ia3_before_touching_the_model() -> None:
-    arguments = Namespace(mode="fsdp", steps=1, lr=1e-2, out=None)
-    with pytest.raises(ValueError, match=r"method='ia3' is not supported with --fsdp"):
-        example.train("ia3", arguments, rank=0, world=2)

@@ -192,8 +192,9 @@ class IA3Attachment(Attachment):
         register_child(self.model, self.child_name, self._vectors, undo)
         key = id(self)
         with scaling.lock:
-            for target, vector in zip(self.targets, self._vectors.vectors):
-                scaling.acquire(target.module, scaling._Entry(key, vector, target.feedforward))
+            for index, target in enumerate(self.targets):
+                entry = scaling._Entry(key, self._vectors.vectors, str(index), target.feedforward)
+                scaling.acquire(target.module, entry)
                 undo.push(_release(target.module, key))
         self.saved_modules.install(undo)
         undo.push(self._forget_merge)

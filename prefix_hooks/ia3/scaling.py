@@ -34,12 +34,26 @@ lock = threading.RLock()
 
 @dataclass
 class _Entry:
-    """One adapter's vector on one module."""
+    """One adapter's vector on one module.
+
+    The vector is looked up in its container at every use rather than held: FSDP2's
+    ``fully_shard`` replaces the registered parameters (sharded ``DTensor`` between steps,
+    a full tensor during forward and backward), and a held reference would be the stale
+    original, silently never trained.
+    """
 
     key: int  # id() of the owning attachment, as recorded by Attachment.disabled()
-    vector: nn.Parameter  # (out, 1) regular, (1, in) feed-forward
+    holder: nn.ParameterList  # the attachment's registered vectors
+    name: str  # this vector's name in ``holder`` ("0", "1", ...)
     feedforward: bool
     merged: bool = False
+
+    @property
+    def vector(self) -> torch.Tensor:
+        """The vector as registered now: ``(out, 1)`` regular, ``(1, in)`` feed-forward."""
+        vector = getattr(self.holder, self.name)
+        assert isinstance(vector, torch.Tensor)
+        return vector
 
 
 class ModuleScaling:
@@ -53,9 +67,9 @@ class ModuleScaling:
     def __init__(self, module: nn.Module) -> None:
         self.module = module
         self.entries: list[_Entry] = []
-        # hot-path data, rebuilt by _refresh(): (attachment id, flat vector) of unmerged entries
-        self._outputs: tuple[tuple[int, torch.Tensor], ...] = ()
-        self._inputs: tuple[tuple[int, torch.Tensor], ...] = ()
+        # hot-path data, rebuilt by _refresh(): (attachment id, container, name) of unmerged entries
+        self._outputs: tuple[tuple[int, nn.Module, str], ...] = ()
+        self._inputs: tuple[tuple[int, nn.Module, str], ...] = ()
         self._output_hook: RemovableHandle | None = None
         self._input_hook: RemovableHandle | None = None
         self._original: tuple[torch.Tensor, torch.Tensor | None] | None = None  # (weight, bias) clones while merged
@@ -67,9 +81,9 @@ class ModuleScaling:
             self._refuse_training()
         disabled = _disabled.get()
         scale: torch.Tensor | None = None
-        for key, vector in self._outputs:
+        for key, holder, name in self._outputs:
             if key not in disabled:
-                flat = vector.view(-1)  # (out,)
+                flat = getattr(holder, name).view(-1)  # (out,)
                 scale = flat if scale is None else scale * flat
         if scale is None:
             return None
@@ -81,9 +95,9 @@ class ModuleScaling:
             self._refuse_training()
         disabled = _disabled.get()
         scale: torch.Tensor | None = None
-        for key, vector in self._inputs:
+        for key, holder, name in self._inputs:
             if key not in disabled:
-                flat = vector.view(-1)  # (in,)
+                flat = getattr(holder, name).view(-1)  # (in,)
                 scale = flat if scale is None else scale * flat
         if scale is None:
             return None
@@ -123,8 +137,8 @@ class ModuleScaling:
     def _refresh(self) -> None:
         live = [entry for entry in self.entries if not entry.merged]
         self._merged_trainable = any(e.merged and e.vector.requires_grad for e in self.entries)
-        self._outputs = tuple((e.key, e.vector) for e in live if not e.feedforward)
-        self._inputs = tuple((e.key, e.vector) for e in live if e.feedforward)
+        self._outputs = tuple((e.key, e.holder, e.name) for e in live if not e.feedforward)
+        self._inputs = tuple((e.key, e.holder, e.name) for e in live if e.feedforward)
         wants_output = any(not e.feedforward for e in self.entries)
         wants_input = any(e.feedforward for e in self.entries)
         if wants_output and self._output_hook is None:
