@@ -10,7 +10,7 @@ first, on a different task, and then adapts it the way one adapts a hub checkpoi
    ``save_pretrained``. Its backbone has never seen a 5, 6, 7, 8 or 9.
 2. The checkpoint is loaded as a 10-way classifier (``num_labels=10, ignore_mismatched_sizes=True``:
    a new, randomly initialised head), as with any hub checkpoint. Accuracy on all 10 digits: about chance.
-3. ``attach_lora(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+3. ``attach_lora(model, LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"],
    modules_to_save=["classifier"]))``: inside the block, ``Trainer(model, ...).train()`` trains
    only the LoRA factors and a copy of the head, on all 10 digits. Trainable parameters are
    printed before and after attaching (PEFT's wording); accuracy after training.
@@ -20,9 +20,10 @@ first, on a different task, and then adapts it the way one adapts a hub checkpoi
 6. For comparison, without prefix_hooks: a copy of the model from step 2 with everything frozen
    but its head, trained with the same Trainer settings (a linear probe of the checkpoint).
 
-The query and value projections of ViT are ``q_proj`` / ``v_proj`` since transformers 5;
-the older names ``["query", "value"]`` of many tutorials match nothing there (PEFT refuses
-them as well; ``attach_lora`` raises a ``ValueError`` that lists the names it can wrap).
+``["query", "value"]`` are the names of ViT's query and value projections in transformers 4
+and in most tutorials; transformers 5 renamed them ``q_proj`` / ``v_proj``. prefix_hooks
+matches a renamed module by either name (PEFT 0.21 finds no module for the old names), and the
+saved config names the selected modules in full, so PEFT loads the folder too.
 
 Runs in a few minutes on 2 CPU cores: ``python examples/image_classification_lora.py``
 (``--quick`` for a short run; ``--help`` for the options). No network access is needed.
@@ -251,7 +252,7 @@ def run(args: argparse.Namespace, output_dir: Path) -> Result:
     print("before attaching, the model: ", end="")
     print_counts(base_counts)
 
-    config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=["q_proj", "v_proj"],
+    config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=["query", "value"],
                         modules_to_save=["classifier"])
     handle = attach_lora(model, config)
     with handle:  # the model now carries LoRA; everything below is ordinary Trainer code

@@ -27,6 +27,7 @@ from transformers.pytorch_utils import Conv1D
 
 from prefix_hooks.config import TaskType
 from prefix_hooks.ia3.config import IA3Config
+from prefix_hooks.legacy_names import legacy_module_names, spellings
 from prefix_hooks.lora.config import ALL_LINEAR
 from prefix_hooks.lora.targets import (
     TASK_MODULES_TO_SAVE,
@@ -194,8 +195,11 @@ def _is_feedforward(name: str, feedforward: list[str] | set[str] | str) -> bool:
     return any(name.endswith(key) for key in feedforward)  # PEFT's plain suffix test
 
 
-def select_targets(model: nn.Module, config: IA3Config) -> list[Target]:
+def select_targets(model: nn.Module, config: IA3Config, *, legacy_names: bool = True) -> list[Target]:
     """The modules of ``model`` that get a vector, in ``named_modules()`` order.
+
+    With ``legacy_names`` a module renamed by transformers 5 also matches (and is a
+    feed-forward target) by its old name (:mod:`prefix_hooks.legacy_names`).
 
     Raises:
         ValueError: no module matches; a matched module is not an ``nn.Linear`` / ``Conv1D``;
@@ -213,18 +217,23 @@ def select_targets(model: nn.Module, config: IA3Config) -> list[Target]:
     saved = [*(config.modules_to_save or []), *task_modules_to_save(config)]
     exclude = config.exclude_modules
 
+    def is_excluded(name: str) -> bool:
+        if isinstance(exclude, str):
+            return re.fullmatch(exclude, name) is not None
+        return bool(exclude) and _matches_names(name, exclude or ())
+
+    def is_target(name: str) -> bool:
+        return re.fullmatch(targets, name) is not None if isinstance(targets, str) else _matches_names(name, targets)
+
+    legacy = legacy_module_names(model) if legacy_names else {}
     selected: list[Target] = []
     for name, module in _candidates(model):
-        if isinstance(exclude, str):
-            excluded = re.fullmatch(exclude, name) is not None
-        else:
-            excluded = bool(exclude) and _matches_names(name, exclude or ())
-        if excluded or any(_inside(name, key) for key in saved):
+        names = spellings(name, legacy)  # the module's name, and its name before transformers 5 if renamed
+        if any(is_excluded(n) or any(_inside(n, key) for key in saved) for n in names):
             continue
-        found = re.fullmatch(targets, name) is not None if isinstance(targets, str) else _matches_names(name, targets)
-        if found:
+        if any(is_target(n) for n in names):
             original = _wrapped_base(module) or module
-            selected.append(Target(name, original, _is_feedforward(name, feedforward)))
+            selected.append(Target(name, original, any(_is_feedforward(n, feedforward) for n in names)))
 
     for target in selected:
         if not isinstance(target.module, SUPPORTED_MODULE_TYPES):

@@ -11,6 +11,8 @@ The rules are PEFT 0.21's, so a config selects the same modules here as in
   are never targets.
 * ``layers_to_transform`` keeps only list matches in the given layers (an entry equal to the
   full qualified name is kept whatever its layer, as in PEFT).
+* Beyond PEFT: a module transformers 5 renamed also matches by its old name
+  (:mod:`prefix_hooks.legacy_names`), so configs written for transformers 4 still select it.
 
 Selection only reads the model; nothing is mutated.
 """
@@ -25,6 +27,7 @@ from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from prefix_hooks.config import TaskType
+from prefix_hooks.legacy_names import legacy_module_names, spellings
 from prefix_hooks.lora.config import ALL_LINEAR, LoraConfig
 
 __all__ = [
@@ -211,11 +214,13 @@ def _describe_targets(config: LoraConfig, targets: set[str] | list[str] | str) -
     return f"target_modules={shown!r}"
 
 
-def select_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+def select_targets(model: nn.Module, config: LoraConfig, *, legacy_names: bool = True) -> list[str]:
     """Qualified names of the modules of ``model`` that get an adapter, in ``named_modules()`` order.
 
     An adapter layer already in the model (from another attachment) counts as the module it
-    wraps; its insides are never targets.
+    wraps; its insides are never targets. With ``legacy_names`` a module renamed by
+    transformers 5 also matches by its old name (:mod:`prefix_hooks.legacy_names`), so
+    ``["query", "value"]`` selects a ViT's ``q_proj`` / ``v_proj``.
 
     Raises:
         ValueError: no module matches; a matched module is not one of
@@ -237,27 +242,32 @@ def select_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     saved = [*(config.modules_to_save or []), *task_modules_to_save(config)]
     exclude = config.exclude_modules
 
+    def is_excluded(name: str) -> bool:
+        if isinstance(exclude, str):
+            return re.fullmatch(exclude, name) is not None
+        return bool(exclude) and _matches_names(name, exclude or ())
+
+    def is_target(name: str) -> bool:
+        if isinstance(targets, str):
+            return re.fullmatch(targets, name) is not None
+        if name in targets:
+            return True  # named in full: PEFT keeps it whatever its layer
+        found = _matches_names(name, targets)
+        if found and uses_layers:
+            index = layer_index(name, config.layers_pattern)
+            wanted = config.layers_to_transform
+            found = index is not None and (index == wanted if isinstance(wanted, int) else index in (wanted or []))
+        return found
+
+    legacy = legacy_module_names(model) if legacy_names else {}
     selected: list[str] = []
     excluded = 0
     for name, _module in _candidates(model):
-        if isinstance(exclude, str):
-            is_excluded = re.fullmatch(exclude, name) is not None
-        else:
-            is_excluded = bool(exclude) and _matches_names(name, exclude or ())
-        if is_excluded or any(_inside(name, key) for key in saved):
+        names = spellings(name, legacy)  # the module's name, and its name before transformers 5 if renamed
+        if any(is_excluded(n) or any(_inside(n, key) for key in saved) for n in names):
             excluded += 1
             continue
-        if isinstance(targets, str):
-            found = re.fullmatch(targets, name) is not None
-        elif name in targets:
-            found = True  # named in full: PEFT keeps it whatever its layer
-        else:
-            found = _matches_names(name, targets)
-            if found and uses_layers:
-                index = layer_index(name, config.layers_pattern)
-                wanted = config.layers_to_transform
-                found = index is not None and (index == wanted if isinstance(wanted, int) else index in (wanted or []))
-        if found:
+        if any(is_target(n) for n in names):
             selected.append(name)
 
     modules = dict(model.named_modules())

@@ -20,7 +20,9 @@ from prefix_hooks.checkpoint.codec import SavedAdapter, register_codec
 from prefix_hooks.checkpoint.state_dicts import check_state_dict, cpu_copies, loading_config
 from prefix_hooks.ia3.attachment import IA3Attachment
 from prefix_hooks.ia3.config import IA3Config
-from prefix_hooks.ia3.targets import task_modules_to_save
+from prefix_hooks.ia3.targets import select_targets, task_modules_to_save
+from prefix_hooks.legacy_names import current_keys
+from prefix_hooks.lora import swaps
 
 
 class IA3Codec:
@@ -45,6 +47,7 @@ class IA3Codec:
         config["fan_in_fan_out"] = bool(config["fan_in_fan_out"]) or any(
             isinstance(target.module, Conv1D) for target in handle.targets
         )
+        config.update(_targets_by_current_names(handle))
         return SavedAdapter(
             config=config,
             tensors=cpu_copies(tensors),
@@ -74,9 +77,31 @@ class IA3Codec:
             )
         config = loading_config(config, task_modules_to_save(config), trainable)
         handle = IA3Attachment(model, config, adapter_name)
-        check_state_dict(saved.tensors, handle.peft_state_dict(), f"(IA)^3 adapter {adapter_name!r}")
-        handle.load_peft_state_dict(saved.tensors)
+        expected = handle.peft_state_dict()
+        # keys written for module names from before transformers 5 (PEFT adapters trained on 4.x)
+        given = current_keys(model, saved.tensors, expected)
+        check_state_dict(given, expected, f"(IA)^3 adapter {adapter_name!r}")
+        handle.load_peft_state_dict(given)
         return handle
+
+
+def _targets_by_current_names(handle: IA3Attachment) -> dict[str, Any]:
+    """Full target and feed-forward names when the config selects some target only by a name
+    from before transformers 5 (PEFT matches current names only), else ``{}``."""
+    selected = [(target.name, target.feedforward) for target in handle.targets]
+    try:
+        view = swaps.clean_view(handle.model)
+        plain: list[tuple[str, bool]] | None = [
+            (target.name, target.feedforward) for target in select_targets(view, handle.config, legacy_names=False)
+        ]
+    except ValueError:  # nothing matches without the old names
+        plain = None
+    if plain == selected:
+        return {}
+    return {
+        "target_modules": sorted(name for name, _ in selected),
+        "feedforward_modules": sorted(name for name, feedforward in selected if feedforward),
+    }
 
 
 CODEC = IA3Codec()

@@ -35,10 +35,11 @@ from transformers.pytorch_utils import Conv1D
 
 from prefix_hooks.checkpoint.codec import SavedAdapter, register_codec
 from prefix_hooks.checkpoint.state_dicts import check_state_dict, copy_into, cpu_copies, loading_config, some
+from prefix_hooks.legacy_names import current_keys
 from prefix_hooks.lora import swaps
 from prefix_hooks.lora.attachment import LoraAttachment
 from prefix_hooks.lora.config import LoraConfig
-from prefix_hooks.lora.targets import task_modules_to_save
+from prefix_hooks.lora.targets import select_targets, task_modules_to_save
 
 PEFT_PREFIX = "base_model.model."
 """Prefix of every key PEFT saves for a non-prompt-learning adapter."""
@@ -162,6 +163,7 @@ class LoraCodec:
         config["fan_in_fan_out"] = bool(config["fan_in_fan_out"]) or any(
             isinstance(modules[name], Conv1D) for name in handle.target_names
         )
+        config.update(_targets_by_current_names(handle))
         return SavedAdapter(
             config=config,
             tensors=cpu_copies(tensors),
@@ -197,17 +199,19 @@ class LoraCodec:
         what = f"LoRA adapter {adapter_name!r}"
         own = adapter_state_dict(handle)
         aliases = copy_bias_aliases(handle)
-        base = {**base_state_dict(handle), **_embedding_bases(handle, saved.tensors)}
-        check_state_dict(saved.tensors, {**base, **own, **aliases}, what)
+        # keys written for module names from before transformers 5 (PEFT adapters trained on 4.x)
+        given = current_keys(model, saved.tensors, {*own, *aliases, *base_state_dict(handle)})
+        base = {**base_state_dict(handle), **_embedding_bases(handle, given)}
+        check_state_dict(given, {**base, **own, **aliases}, what)
         _require_equal(
-            saved.tensors,
+            given,
             base,
             f"is a base-model tensor (PEFT saves it for bias={config.bias!r} or a targeted embedding) and differs "
             "from this model's; loading would have to change the base model, which attach never does. Load the "
             "adapter on the model it was trained with (its trained biases included)",
         )
-        copy_into(saved.tensors, own)
-        _require_equal(saved.tensors, aliases, "repeats a modules-to-save copy's bias but holds another value")
+        copy_into(given, own)
+        _require_equal(given, aliases, "repeats a modules-to-save copy's bias but holds another value")
         return handle
 
 
@@ -216,6 +220,19 @@ def _require_equal(given: Mapping[str, torch.Tensor], expected: Mapping[str, tor
     for key, tensor in expected.items():
         if not torch.equal(given[key].to(tensor.device, tensor.dtype), tensor):
             raise ValueError(f"checkpoint tensor {key!r} {why}")
+
+
+def _targets_by_current_names(handle: LoraAttachment) -> dict[str, Any]:
+    """``{"target_modules": [full names]}`` when the config selects some target only by a name
+    from before transformers 5 (PEFT matches current names only), else ``{}``: so PEFT selects
+    the same modules from the saved config."""
+    try:
+        plain: list[str] | None = select_targets(swaps.clean_view(handle.model), handle.config, legacy_names=False)
+    except ValueError:  # nothing matches without the old names
+        plain = None
+    if plain == list(handle.target_names):
+        return {}
+    return {"target_modules": sorted(handle.target_names)}
 
 
 def _embedding_bases(handle: LoraAttachment, given: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
