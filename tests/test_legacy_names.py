@@ -14,6 +14,7 @@ from pathlib import Path
 
 import peft
 import pytest
+import tiny_encoders
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import (
@@ -24,8 +25,9 @@ from transformers import (
     ViTConfig,
     ViTForImageClassification,
 )
+from transformers.core_model_loading import WeightRenaming
 
-from prefix_hooks import IA3Config, LoraConfig, attach, attach_ia3, attach_lora
+from prefix_hooks import IA3Config, LoraConfig, attach, attach_ia3, attach_lora, legacy_names
 from prefix_hooks.ia3 import select_targets as ia3_targets
 from prefix_hooks.ia3.attachment import IA3Attachment
 from prefix_hooks.legacy_names import current_keys, legacy_module_names
@@ -247,3 +249,35 @@ def test_current_names_save_the_config_as_given(tmp_path: Path) -> None:
         handle.save(tmp_path / "adapter")
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert sorted(saved["target_modules"]) == ["q_proj", "v_proj"]
+
+
+def test_a_backward_name_that_would_load_elsewhere_is_not_a_legacy_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chained renamings alpha -> beta -> gamma: an old ``alpha`` loads into ``gamma``, so ``beta``
+    has no old name even though running the renamings backwards turns it into ``alpha``."""
+    renamings = [WeightRenaming("alpha", "beta"), WeightRenaming("beta", "gamma")]
+    monkeypatch.setattr(legacy_names, "_renamings", lambda model: renamings)
+    model = torch.nn.Module()
+    model.blk = torch.nn.ModuleDict({"beta": torch.nn.Linear(2, 2), "gamma": torch.nn.Linear(2, 2)})
+    assert legacy_module_names(model) == {"blk.gamma": "blk.alpha"}
+
+
+def test_a_transformers_4_llava_lora_folder_loads(tmp_path: Path) -> None:
+    """LLaVA moved its text model: ``language_model.model.layers`` (4.x) is ``model.language_model.layers``."""
+    model = tiny_encoders.build("llava")
+    handle = attach_lora(model, LoraConfig(r=4, lora_alpha=8))  # the family default: the text tower's q/v
+    _randomise(handle)
+    handle.save(tmp_path / "current")
+    tensors = load_file(tmp_path / "current" / "adapter_model.safetensors")
+    new, old = f"{PREFIX}model.language_model.", f"{PREFIX}language_model.model."
+    keys = {key: old + key[len(new) :] for key in tensors if key.startswith(new)}
+    assert len(keys) == len(tensors) > 0
+    _rename_folder(tmp_path / "current", tmp_path / "legacy", keys, {})
+    inputs = tiny_encoders.example_inputs("llava")
+    with torch.no_grad():
+        base = model(**inputs).logits
+        with attach(model, tmp_path / "current"):
+            expected = model(**inputs).logits
+        with attach(model, tmp_path / "legacy"):
+            ours = model(**inputs).logits
+    assert (expected - base).abs().max() > 1e-3
+    assert torch.equal(ours, expected)
