@@ -1,5 +1,5 @@
-"""Small helpers several test modules share: loading an example script as a module, and a
-causal-LM dataset for Trainer tests."""
+"""Small helpers several test modules share: loading an example script as a module, a
+character-level tokenizer for pipelines, and a causal-LM dataset for Trainer tests."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from types import ModuleType
 
 import torch
 from tiny_models import random_batch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 
 def load_example(path: Path, name: str | None = None) -> ModuleType:
@@ -21,6 +23,18 @@ def load_example(path: Path, name: str | None = None) -> ModuleType:
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def char_tokenizer(characters: int) -> PreTrainedTokenizerFast:
+    """One token per character, no special tokens added: ids 0-2 are ``<pad>``, ``<s>``, ``</s>``
+    and ids ``3 .. 2 + characters`` are ``"!"`` and the ``characters - 1`` characters after it."""
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{chr(ord("!") + i): i + 3 for i in range(characters)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<pad>"
+    )
 
 
 class CausalRows(torch.utils.data.Dataset[dict[str, torch.Tensor]]):

@@ -13,7 +13,7 @@ from typing import Any, cast
 import pytest
 import torch
 from accelerate import cpu_offload, dispatch_model
-from test_integration_distributed import EXAMPLE, STEPS, TOL, example, load_results, torchrun
+from test_integration_distributed import EXAMPLE, STEPS, TOL, load_results, run_single, torchrun
 from tiny_models import build_model, random_batch
 from torch import nn
 from transformers import PreTrainedModel
@@ -56,13 +56,7 @@ def accelerate_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def accelerate_single(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("single")
-    threads = torch.get_num_threads()
-    try:
-        example.main(["--mode", "single", "--steps", str(STEPS), "--out", str(out), "--method", *ACCELERATE_METHODS])
-    finally:
-        torch.set_num_threads(threads)
-    return out
+    return run_single(tmp_path_factory.mktemp("single"), ACCELERATE_METHODS)
 
 
 @pytest.mark.slow

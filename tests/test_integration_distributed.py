@@ -55,16 +55,21 @@ def load_results(out: Path, method: str) -> list[dict[str, Any]]:
     return [torch.load(out / method / f"rank{rank}.pt") for rank in range(2)]
 
 
-@pytest.fixture(scope="module")
-def single(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One process, the whole global batch: the reference every distributed run must equal."""
-    out = tmp_path_factory.mktemp("single")
+def run_single(out: Path, methods: tuple[str, ...]) -> Path:
+    """Train ``methods`` in this process on the whole global batch (the example's ``--mode single``)
+    into ``out``: the reference every distributed run must equal."""
     threads = torch.get_num_threads()
     try:
-        example.main(["--mode", "single", "--steps", str(STEPS), "--out", str(out), "--method", *DDP_METHODS])
+        example.main(["--mode", "single", "--steps", str(STEPS), "--out", str(out), "--method", *methods])
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads)  # the example sets its own thread count
     return out
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One process, the whole global batch, every method."""
+    return run_single(tmp_path_factory.mktemp("single"), DDP_METHODS)
 
 
 @pytest.fixture(scope="module")

@@ -16,32 +16,21 @@ from typing import Any
 import pytest
 import torch
 import transformers
+from shared_fixtures import char_tokenizer
 from test_integration_trainer import METHODS
 from test_pipelines import GENERATE_KWARGS, MAX_NEW_TOKENS, generate
 from test_pipelines import tiny_model as tiny_causal_lm
 from tiny_encoders import build_head
 from tiny_models import FAMILY_CONFIGS, VOCAB
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from torch import nn
-from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
 
 from prefix_hooks.attachment import Attachment
 
 NUM_LABELS = 3
 TEXT = "attached!"
+CHARACTERS = VOCAB - 4  # token ids 3..VOCAB-2
 CLASSIFIERS = [("llama", method) for method in ("prefix", "lora", "prompt", "ia3")] + [("bert", "prefix")]
-
-
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    """Character-level tokenizer over the tiny vocabulary: ids 3..VOCAB-2 are ``"!"``.., no special tokens added."""
-    characters = [chr(ord("!") + i) for i in range(VOCAB - 4)]
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(characters)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<pad>"
-    )
 
 
 def classifier(family: str) -> PreTrainedModel:
@@ -74,7 +63,7 @@ def scores(result: Any) -> torch.Tensor:
 
 @pytest.mark.parametrize(("family", "method"), CLASSIFIERS)
 def test_text_classification_pipeline_uses_the_adapter_inside_the_block_only(family: str, method: str) -> None:
-    tokenizer = char_tokenizer()
+    tokenizer = char_tokenizer(CHARACTERS)
     model = classifier(family)
     classify = transformers.pipeline("text-classification", model=model, tokenizer=tokenizer, top_k=None)
     inputs = dict(tokenizer(TEXT, return_tensors="pt"))
@@ -98,7 +87,7 @@ def test_text_classification_pipeline_uses_the_adapter_inside_the_block_only(fam
 @pytest.mark.parametrize("method", ["lora", "prompt", "ia3"])
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_text_generation_pipeline_matches_generate_inside_the_block(family: str, method: str) -> None:
-    tokenizer = char_tokenizer()
+    tokenizer = char_tokenizer(CHARACTERS)
     model = tiny_causal_lm(family)
     generator = transformers.pipeline("text-generation", model=model, tokenizer=tokenizer)
     inputs = dict(tokenizer(TEXT, return_tensors="pt"))
@@ -124,7 +113,7 @@ PADDED_CLASSIFIERS = [case for case in CLASSIFIERS if case != ("llama", "prompt"
 @pytest.mark.parametrize(("family", "method"), PADDED_CLASSIFIERS)
 def test_batched_text_classification_pipeline_equals_one_text_at_a_time(family: str, method: str) -> None:
     """Right-padded batches: each row scores as it does alone."""
-    tokenizer = char_tokenizer()
+    tokenizer = char_tokenizer(CHARACTERS)
     model = classifier(family)
     classify = transformers.pipeline("text-classification", model=model, tokenizer=tokenizer, top_k=None)
     texts = ["abc", "a longer text!"]
@@ -139,7 +128,7 @@ def test_batched_text_classification_pipeline_equals_one_text_at_a_time(family: 
 def test_prompt_on_a_decoder_classifier_refuses_right_padded_rows() -> None:
     """The right-padded batch raises, naming the rows, before the model runs; left padding (the last column
     real in every row) and unpadded rows classify as before."""
-    tokenizer = char_tokenizer()
+    tokenizer = char_tokenizer(CHARACTERS)
     model = classifier("llama")
     classify = transformers.pipeline("text-classification", model=model, tokenizer=tokenizer, top_k=None)
     texts = ["abc", "a longer text!"]

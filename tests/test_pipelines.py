@@ -9,8 +9,8 @@ from typing import Any, cast
 import pytest
 import torch
 import transformers
+from shared_fixtures import char_tokenizer
 from tiny_models import VOCAB, build_model, random_batch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerFast, Trainer, TrainingArguments
 
@@ -48,14 +48,7 @@ def attach(model: nn.Module, seed: int = 1) -> PrefixAttachment:
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerFast:
     """Character-level tokenizer over the tiny models' vocabulary: ids 3..95 are ``"!"``..``"}"``."""
-    characters = [chr(ord("!") + i) for i in range(VOCAB - 3)]
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(characters)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<pad>"
-    )
+    return char_tokenizer(VOCAB - 3)
 
 
 def clone_state(model: nn.Module) -> dict[str, torch.Tensor]:

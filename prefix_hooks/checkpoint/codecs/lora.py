@@ -200,8 +200,9 @@ class LoraCodec:
         own = adapter_state_dict(handle)
         aliases = copy_bias_aliases(handle)
         # keys written for module names from before transformers 5 (PEFT adapters trained on 4.x)
-        given = current_keys(model, saved.tensors, {*own, *aliases, *base_state_dict(handle)})
-        base = {**base_state_dict(handle), **_embedding_bases(handle, given)}
+        bases = base_state_dict(handle)
+        given = current_keys(model, saved.tensors, {*own, *aliases, *bases})
+        base = {**bases, **_embedding_bases(handle, given)}
         check_state_dict(given, {**base, **own, **aliases}, what)
         _require_equal(
             given,
