@@ -10,6 +10,8 @@ P-tuning (:func:`attach_prompt`), IA3 (:func:`attach_ia3`); several at once with
 
 import logging
 
+from prefix_hooks import transformers_compat as _transformers_compat
+
 from prefix_hooks.attachment import Attachment, attachments_of
 from prefix_hooks.checkpoint import CheckpointError, SaveAdapterCallback, load_adapter, save_adapter
 from prefix_hooks.compose import MultiAttachment, attach, register_method
@@ -85,3 +87,7 @@ register_method(IA3Config, attach_ia3)
 # A library never configures logging: records go nowhere unless the application sets up handlers
 # (e.g. ``logging.basicConfig(level=logging.INFO)``).
 logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+# A transformers newer than the newest release tested gets one warning naming both versions
+# and the self-check (``python -m prefix_hooks.check``).
+_transformers_compat.check_installed_version()

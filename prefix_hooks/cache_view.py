@@ -1,7 +1,9 @@
-"""The cache one attention call sees, with the prefix in front: for families that compute attention inline.
+"""The cache one attention call sees, with the prefix in front: for attention modules the interposer cannot serve.
 
-Falcon, GPT-J, CodeGen, GPT-Neo, BLOOM and MPT never call the attention-function
-registry, so the interposer cannot reach them. What they all do call is
+GPT-Neo, BLOOM and MPT (and, up to transformers 5.23, Falcon, GPT-J and CodeGen) compute
+attention inline, so the attention-function interposer never sees them; 5.25's Falcon calls
+the registry, but its layers do not pass the per-forward state down and its alibi lives in
+the mask (see ``prefix_hooks.families.falcon``). What they all do call is
 ``cache.update(key, value, layer_idx)``, right before attention, with keys already
 rotated (RoPE) and laid out ``(B, kv_heads, T, D)``. A forward pre-hook on each
 attention module therefore swaps its cache argument for a :class:`PrefixCacheView`:
@@ -14,13 +16,13 @@ attention module therefore swaps its cache argument for a :class:`PrefixCacheVie
 * everything else (``get_seq_length()``, ``isinstance(view, DynamicCache)``, ...)
   is the real cache's, through ``wrapt.ObjectProxy``.
 
-The family then widens the mask and the alibi arguments by ``P`` columns (see
-``prefix_hooks.families._inline``); this module knows nothing about masks.
+The cache argument's name comes from the module's ``forward`` signature (``layer_past``,
+``past_key_values`` or, since 5.24, ``cache``). The family then widens the mask and the
+alibi arguments by ``P`` columns (see ``prefix_hooks.families._inline``); this module
+knows nothing about masks.
 """
-
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +31,7 @@ import wrapt
 from torch import nn
 
 from prefix_hooks.families.base import AttentionSite, CurrentState, ForwardCall, SpliceSource
+from prefix_hooks.transformers_compat import CACHE_KEYWORDS, attention_cache_parameter, find_cache, forward_parameters
 
 if TYPE_CHECKING:
     from prefix_hooks.attachment import UndoStack
@@ -93,32 +96,43 @@ def install_cache_view_hooks(
     sites: list[AttentionSite],
     current_state: CurrentState,
     undo: UndoStack,
-    cache_argument: str,
     extend_arguments: ExtendArguments,
 ) -> None:
     """Register, on every site's module, a pre-hook that hands it a :class:`PrefixCacheView`.
 
     The hook does nothing while no prefix state is current (detached, disabled) or when the
     state has no prefix for the module; otherwise it fetches the module's prefix (which counts
-    the layer as spliced), replaces the ``cache_argument`` (given positionally or by keyword)
+    the layer as spliced), replaces the cache argument (found under any spelling, given
+    positionally or by keyword, and passed on under the name the module's ``forward`` takes)
     by a view over it, and lets ``extend_arguments`` widen the mask/alibi arguments.
+
+    The per-forward state the root put into ``**kwargs`` for the attention-function interposer
+    is taken out of the module's call: the view splices this module's prefix, so an attention
+    function it calls through the registry must not splice it a second time.
 
     Args:
         sites: the attention modules.
         current_state: the attachment's per-forward state accessor.
         undo: receives each hook's removal.
-        cache_argument: the module's cache parameter (``layer_past`` or ``past_key_values``).
         extend_arguments: the family's mask/alibi widening.
+
+    Raises:
+        ValueError: a module's ``forward`` takes no cache argument under any known name.
     """
+    # imported here: the interposer imports the family registry, which imports this module
+    from prefix_hooks.attention_interposer import STATE_KWARG
+
     for site in sites:
-        params = list(inspect.signature(site.module.forward).parameters)
-        if cache_argument not in params:
+        params = forward_parameters(site.module)
+        cache_parameter = attention_cache_parameter(site.module)
+        if cache_parameter is None:
             raise ValueError(
-                f"{type(site.module).__name__}.forward has no parameter {cache_argument!r}; parameters: {params}"
+                f"{type(site.module).__name__}.forward takes no cache argument (known names: "
+                f"{', '.join(CACHE_KEYWORDS)}); parameters: {params}"
             )
 
-        def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
-                     params: list[str] = params) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], params: list[str] = params,
+                     cache_parameter: str = cache_parameter) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
             state = current_state()
             if state is None:
                 return None
@@ -126,8 +140,12 @@ def install_cache_view_hooks(
             if prefix is None:
                 return None
             prefix_key, prefix_value = prefix  # (kv_heads, P, D) each
-            call = ForwardCall(params, args, dict(kwargs))
-            call.set(cache_argument, PrefixCacheView(call.get(cache_argument), prefix_key, prefix_value))
+            call = ForwardCall(params, args, dict(kwargs), module=module)
+            call.kwargs.pop(STATE_KWARG, None)
+            given_as, cache = find_cache(call)
+            if given_as is not None and given_as != cache_parameter and given_as in call.kwargs:
+                del call.kwargs[given_as]  # an old spelling: pass the view under the module's own name only
+            call.set(cache_parameter, PrefixCacheView(cache, prefix_key, prefix_value))
             extend_arguments(module, call, int(prefix_key.shape[1]), state)
             return call.args, call.kwargs
 

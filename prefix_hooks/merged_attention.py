@@ -92,6 +92,7 @@ def merged_attention(
         or not all(kwargs.get(name) is None for name in _DISQUALIFYING_KWARGS)
         or query.dtype not in (torch.float32, torch.bfloat16, torch.float16)
         or key.dtype != query.dtype
+        or value.dtype != query.dtype  # autocast can hand over float32 q/k with a bf16 v
     ):
         return None
     batch, heads, q_len, _ = query.shape

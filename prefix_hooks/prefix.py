@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from prefix_hooks.transformers_compat import require_known_cache_parameter
 from prefix_hooks import attention_interposer, parameter_versions
 from prefix_hooks.attachment import Attachment, UndoStack, attachments_of, freeze_parameters, register_child
 from prefix_hooks.config import PrefixTuningConfig, resolve_prefix_config
@@ -199,6 +200,7 @@ class PrefixAttachment(Attachment):
         offset_error = self.family.position_offset_error(module, offset)
         if offset_error is not None:
             raise ValueError(offset_error)
+        require_known_cache_parameter(module)
         return _Root(module, list(inspect.signature(module.forward).parameters), offset)
 
     def adapter_modules(self) -> list[nn.Module]:

@@ -26,6 +26,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from shared_fixtures import cache_kwargs
 from tiny_models import build_model, family_backend_pairs, implementations, random_batch
 from transformers import DynamicCache, PreTrainedModel, StaticCache
 from transformers.cache_utils import DynamicLayer
@@ -162,7 +163,7 @@ def feed_chunks(
             kwargs["attention_mask"] = attention_mask[:, :end]  # (B, past + chunk)
         if position_ids is not None:
             kwargs["position_ids"] = position_ids[:, start:end]  # (B, chunk)
-        out = model(input_ids=input_ids[:, start:end], past_key_values=cache, use_cache=True, **kwargs)
+        out = model(input_ids=input_ids[:, start:end], **cache_kwargs(model, cache), use_cache=True, **kwargs)
         logits.append(out.logits)
         if after_chunk is not None:
             after_chunk(end)
@@ -323,7 +324,7 @@ def test_static_prefill_reaches_sdpa_without_a_mask(variant: str, monkeypatch: p
     input_ids = random_batch(2, 6)["input_ids"]
     cache = StaticCache(config=model.config, max_cache_len=10)
     with recording_sdpa_masks(monkeypatch) as seen, torch.no_grad():
-        model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        model(input_ids=input_ids, **cache_kwargs(model, cache), use_cache=True)
     assert any(no_mask and kv_len > q_len > 1 for no_mask, q_len, kv_len in seen), seen
 
 

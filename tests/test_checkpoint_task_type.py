@@ -15,6 +15,7 @@ import peft
 import pytest
 import tiny_encoders
 import tiny_models
+from shared_fixtures import bridge_peft_cache_keyword
 import torch
 
 from prefix_hooks import PrefixTuningConfig, PromptTuningConfig, attach, attach_prefix, attach_prompt
@@ -47,7 +48,9 @@ def test_peft_applies_an_adapter_saved_without_task_type(family: str, method: st
         base = model(**batch).logits
         with handle:
             ours = model(**batch).logits
-        peft_model = peft.PeftModel.from_pretrained(tiny_models.build_model(family), str(tmp_path)).eval()
+        peft_model = bridge_peft_cache_keyword(
+            peft.PeftModel.from_pretrained(tiny_models.build_model(family), str(tmp_path)).eval()
+        )
         theirs = peft_model(**batch).logits
         reloaded = attach(tiny_models.build_model(family), tmp_path)
         with reloaded:

@@ -4,7 +4,8 @@ PEFT passes the prefix as a cache of length ``P`` (BERT then numbers real tokens
 ``P..``, RoBERTa ``pad + P + 1, ...``) and prepends ``P`` ones to the attention mask;
 we splice the prefix into each self-attention and offset the positions by default.
 Logits must agree within 1e-5 on identical weights, padded batches included, with and
-without the projection MLP.
+without the projection MLP. Where transformers renamed the cache (5.24+) PEFT 0.21.2 refuses
+these heads; there it runs with its one stale keyword translated (``bridge_peft_cache_keyword``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import peft
 import pytest
 import torch
+from shared_fixtures import bridge_peft_cache_keyword
 from tiny_encoders import attach_random_prefix, build, text_batch
 
 P = 4  # num_virtual_tokens
@@ -23,6 +25,10 @@ BATCH_SEED = 1
 PADDINGS: dict[str, dict[str, Any]] = {
     "unpadded": {}, "right_padded": {"right_pad": [0, 3]}, "left_padded": {"left_pad": [0, 2]},
 }
+
+
+def _peft_model(family: str, attn_implementation: str, config: peft.PrefixTuningConfig) -> Any:
+    return bridge_peft_cache_keyword(peft.get_peft_model(build(family, attn_implementation, MODEL_SEED), config).eval())
 
 
 def _cases() -> list[tuple[str, str, str]]:
@@ -49,7 +55,7 @@ def test_sequence_classification_matches_peft(
             ours = model(**inputs).logits
 
         config = peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=P, prefix_projection=prefix_projection)
-        peft_model = peft.get_peft_model(build(family, attn_implementation, MODEL_SEED), config).eval()
+        peft_model = _peft_model(family, attn_implementation, config)
         peft_model.prompt_encoder["default"].load_state_dict(handle.encoder.state_dict())
         theirs = peft_model(**inputs).logits
 
@@ -67,7 +73,7 @@ def test_position_offset_zero_differs_from_peft(family: str) -> None:
         with attach_random_prefix(model, P, position_offset=0) as handle:
             ours = model(**inputs).logits
         config = peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=P)
-        peft_model = peft.get_peft_model(build(family, "sdpa", MODEL_SEED), config).eval()
+        peft_model = _peft_model(family, "sdpa", config)
         peft_model.prompt_encoder["default"].load_state_dict(handle.encoder.state_dict())
         theirs = peft_model(**inputs).logits
     assert (ours - theirs).abs().max() > 1e-4
@@ -83,7 +89,7 @@ def test_bert_with_token_types_matches_peft() -> None:
             ours = model(**inputs).logits
             without_types = model(**{**inputs, "token_type_ids": torch.zeros_like(inputs["token_type_ids"])}).logits
         config = peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=P)
-        peft_model = peft.get_peft_model(build("bert", "sdpa", MODEL_SEED), config).eval()
+        peft_model = _peft_model("bert", "sdpa", config)
         peft_model.prompt_encoder["default"].load_state_dict(handle.encoder.state_dict())
         theirs = peft_model(**inputs).logits
     assert (ours - without_types).abs().max() > 1e-4  # the segment ids matter

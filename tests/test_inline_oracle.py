@@ -4,24 +4,28 @@
   cached for ``prompt`` must make ``model(text)`` give the logits of ``model(prompt + text)``
   at the text tokens (every variant, backend, with and without left padding).
 * Hand-written attention: one layer recomputed from its captured input with plain tensor
-  algebra (projections, rotary on part of the head, alibi with the prefix at ``-P..-1``,
-  MPT's slot-relative alibi, GPT-Neo's slot window), prefix keys/values in front.
+  algebra (projections, rotary on part of the head or on all of it, alibi with the prefix
+  at ``-P..-1``, MPT's slot-relative alibi, GPT-Neo's slot window), prefix keys/values in
+  front; every Falcon layout (multi-query, full, grouped, alibi), GPT-J, CodeGen, BLOOM,
+  MPT and GPT-Neo's global and local layers, on each backend the family builds with.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import torch
-from tiny_inline import build_variant, variant_backend_pairs
+from tiny_inline import VARIANTS, build_variant, implementations, variant_backend_pairs
 from tiny_models import random_batch
-from torch import nn
+from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from prefix_hooks import PrefixAttachment, PrefixTuningConfig, attach_prefix
+from prefix_hooks.transformers_compat import ALIBI_KEYWORD, forward_parameters, output_cache
 
 P = 4  # num_virtual_tokens
 BATCH = 2
@@ -33,6 +37,7 @@ MODEL_SEED = 0
 BATCH_SEED = 1
 PREFIX_SEED = 2
 PROMPT_SEED = 3
+PROJECTIONS = ("q_proj", "k_proj", "v_proj")  # GPT-J's and GPT-Neo's separate projections
 
 
 def _batch(padded: bool) -> dict[str, torch.Tensor]:
@@ -49,13 +54,14 @@ def _real_positions(attention_mask: torch.Tensor) -> torch.Tensor:
 def prompt_as_prefix(model: PreTrainedModel, prompt: torch.Tensor) -> torch.Tensor:
     """The base model's cached keys/values for ``prompt`` (1, P) in PEFT's flat layout
     ``(P, L * 2 * kv_heads * D)``: per layer keys then values, head-major."""
-    cache = model(input_ids=prompt, use_cache=True).past_key_values
+    cache = output_cache(model(input_ids=prompt, use_cache=True))
     per_layer = [torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]  # (2, kv_heads, P, D)
     return torch.stack(per_layer).permute(3, 0, 1, 2, 4).reshape(prompt.shape[1], -1)
 
 
 # variants whose positions are position_ids (rotary or learned); alibi ones take no offset
 POSITIONED = frozenset({"falcon", "falcon_mha", "falcon_gqa", "gptj", "codegen", "gpt_neo", "gpt_neo_window"})
+assert POSITIONED <= set(VARIANTS)
 ORACLE_CASES = [
     (variant, impl, offset)
     for variant, impl in variant_backend_pairs()
@@ -150,27 +156,107 @@ def _alibi_slopes(heads: int) -> torch.Tensor:
     return 2.0 ** (-8.0 * torch.arange(1, heads + 1) / heads)
 
 
-def _gptj(model: PreTrainedModel, call: dict[str, Any], mask: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
-    """GPT-J: rotary on the first ``rotary_dim`` features, interleaved pairs, at positions ``P + pos``."""
-    attention = model.get_submodule(f"transformer.h.{LAYER}.attn")
-    hidden, heads, rotary = call["hidden"], model.config.n_head, model.config.rotary_dim
-    query, key, value = (_heads(attention.get_submodule(name)(hidden), heads) for name in ("q_proj", "k_proj", "v_proj"))
-    positions = (call["position_ids"] + P).float()  # (B, T)
+Captured = dict[str, Any]
+"""The recomputed layer's call as the forward hook captured it: ``hidden``, ``residual``, ``output``,
+and the ``position_ids`` the model was given."""
+
+
+def _rotate_every_two(x: torch.Tensor, positions: torch.Tensor, rotary: int) -> torch.Tensor:
+    """GPT-J/CodeGen rotary on the first ``rotary`` features of each head, interleaved pairs ``(x0, x1) -> (-x1, x0)``.
+
+    ``x`` (B, H, T, D); ``positions`` (B, T)."""
     inv_freq = 1.0 / 10000 ** (torch.arange(0, rotary, 2).float() / rotary)  # (R / 2,)
-    angles = (positions[..., None] * inv_freq).repeat_interleave(2, dim=-1)[:, None]  # (B, 1, T, R)
+    angles = (positions.float()[..., None] * inv_freq).repeat_interleave(2, dim=-1)[:, None]  # (B, 1, T, R)
+    part = x[..., :rotary]
+    pairs = torch.stack([-part[..., 1::2], part[..., ::2]], dim=-1).flatten(-2)
+    return torch.cat([part * angles.cos() + pairs * angles.sin(), x[..., rotary:]], dim=-1)
 
-    def rotate(x: torch.Tensor) -> torch.Tensor:  # (B, H, T, D)
-        part = x[..., :rotary]
-        pairs = torch.stack([-part[..., 1::2], part[..., ::2]], dim=-1).flatten(-2)  # (x0, x1) -> (-x1, x0)
-        return torch.cat([part * angles.cos() + pairs * angles.sin(), x[..., rotary:]], dim=-1)
 
-    merged = _attend(rotate(query), rotate(key), value, prefix, _slots_visible(mask, P), query.shape[-1] ** -0.5)
+def _rotate_half(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Llama-style rotary over the whole head, halves ``(x1, x2) -> (-x2, x1)``.
+
+    ``x`` (B, H, T, D); ``positions`` (B, T)."""
+    dim = x.shape[-1]
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2).float() / dim)  # (D / 2,)
+    freqs = positions.float()[..., None] * inv_freq  # (B, T, D / 2)
+    angles = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, D)
+    rotated = torch.cat([-x[..., dim // 2 :], x[..., : dim // 2]], dim=-1)
+    return x * angles.cos() + rotated * angles.sin()
+
+
+def _gptj(model: PreTrainedModel, call: Captured, mask: Tensor, prefix: Tensor, case: Case) -> Tensor:
+    """GPT-J: separate projections; rotary on the first ``rotary_dim`` features at positions ``P + pos``."""
+    attention = model.get_submodule(case.path)
+    hidden, heads, rotary = call["hidden"], model.config.n_head, model.config.rotary_dim
+    query, key, value = (_heads(attention.get_submodule(name)(hidden), heads) for name in PROJECTIONS)
+    positions = call["position_ids"] + P  # (B, T)
+    query, key = _rotate_every_two(query, positions, rotary), _rotate_every_two(key, positions, rotary)
+    merged = _attend(query, key, value, prefix, _slots_visible(mask, P), query.shape[-1] ** -0.5)
     return attention.get_submodule("out_proj")(merged)  # (B, T, hidden)
 
 
-def _bloom(model: PreTrainedModel, call: dict[str, Any], mask: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+def _codegen(model: PreTrainedModel, call: Captured, mask: Tensor, prefix: Tensor, case: Case) -> Tensor:
+    """CodeGen: one fused projection in 4 model-parallel shards, each ``[query; value; key]``; GPT-J's rotary."""
+    attention = model.get_submodule(case.path)
+    hidden, heads, rotary = call["hidden"], model.config.n_head, model.config.rotary_dim
+    batch, seq_len, width = hidden.shape
+    shards = attention.get_submodule("qkv_proj")(hidden).view(batch, seq_len, 4, 3 * width // 4)  # (B, T, 4, 3 * W / 4)
+    query, value, key = (
+        part.reshape(batch, seq_len, heads, -1).transpose(1, 2) for part in shards.split(width // 4, -1)
+    )  # (B, H, T, D) each
+    positions = call["position_ids"] + P  # (B, T)
+    query, key = _rotate_every_two(query, positions, rotary), _rotate_every_two(key, positions, rotary)
+    merged = _attend(query, key, value, prefix, _slots_visible(mask, P), query.shape[-1] ** -0.5)
+    return attention.get_submodule("out_proj")(merged)
+
+
+def _falcon_alibi_terms(model: PreTrainedModel, case: Case) -> int:
+    """How often the layer adds the alibi: twice on the eager path of the inline attention that takes
+    ``alibi`` itself (transformers <= 5.23: once itself, once folded into the mask), else once."""
+    takes_alibi = ALIBI_KEYWORD in forward_parameters(model.get_submodule(case.path))
+    return 2 if takes_alibi and case.impl == "eager" else 1
+
+
+def _falcon(model: PreTrainedModel, call: Captured, mask: Tensor, prefix: Tensor, case: Case) -> Tensor:
+    """Falcon: fused projection laid out per variant (multi-query: queries then one key and one value head;
+    full: per head query, key, value; grouped: per kv group its queries, then its key and value);
+    rotary over the whole head at ``P + pos``, or alibi (slopes rounded to bfloat16 as the model builds
+    them, tokens at ``cumsum - 1``, the prefix at ``-P..-1``) divided by ``sqrt(D)``."""
+    config = model.config
+    attention = model.get_submodule(case.path)
+    hidden, heads = call["hidden"], config.num_attention_heads
+    batch, seq_len, width = hidden.shape
+    head_dim = width // heads
+    fused = attention.get_submodule("query_key_value")(hidden)
+    if config.new_decoder_architecture:
+        grouped = fused.view(batch, seq_len, config.num_kv_heads, heads // config.num_kv_heads + 2, head_dim)
+        query, key, value = grouped[..., :-2, :].flatten(2, 3), grouped[..., -2, :], grouped[..., -1, :]
+    elif config.multi_query:
+        split = fused.view(batch, seq_len, heads + 2, head_dim)
+        query, key, value = split[..., :heads, :], split[..., -2:-1, :], split[..., -1:, :]
+    else:
+        query, key, value = fused.view(batch, seq_len, heads, 3, head_dim).unbind(3)
+    query, key, value = (x.transpose(1, 2) for x in (query, key, value))  # (B, heads or kv_heads, T, D)
+    if prefix.shape[1] != key.shape[1]:  # the layer caches its kv heads broadcast to every query head
+        key = key.repeat_interleave(prefix.shape[1] // key.shape[1], dim=1)
+        value = value.repeat_interleave(prefix.shape[1] // value.shape[1], dim=1)
+    bias = None
+    if config.alibi:
+        tokens = (mask.cumsum(-1) - 1) * mask  # (B, T), pads at 0
+        positions = torch.cat([torch.arange(-P, 0).expand(batch, -1), tokens], dim=1)  # (B, P + T)
+        alibi = (_alibi_slopes(heads).bfloat16()[None, :, None] * positions[:, None, :]).float()  # (B, H, P + T)
+        bias = _falcon_alibi_terms(model, case) * alibi[:, :, None, :] / head_dim**0.5  # (B, H, 1, P + T)
+    else:
+        positions = call["position_ids"] + P
+        theta = float(config.rope_parameters["rope_theta"])
+        query, key = _rotate_half(query, positions, theta), _rotate_half(key, positions, theta)
+    merged = _attend(query, key, value, prefix, _slots_visible(mask, P), head_dim**-0.5, bias)
+    return attention.get_submodule("dense")(merged)
+
+
+def _bloom(model: PreTrainedModel, call: Captured, mask: Tensor, prefix: Tensor, case: Case) -> Tensor:
     """BLOOM: alibi ``slope * position`` with tokens at ``cumsum - 1`` and the prefix at ``-P..-1``."""
-    attention = model.get_submodule(f"transformer.h.{LAYER}.self_attention")
+    attention = model.get_submodule(case.path)
     hidden, heads = call["hidden"], model.config.n_head
     batch, seq_len, width = hidden.shape
     fused = attention.get_submodule("query_key_value")(hidden).view(batch, seq_len, heads, 3, width // heads)
@@ -181,9 +267,9 @@ def _bloom(model: PreTrainedModel, call: dict[str, Any], mask: torch.Tensor, pre
     return attention.get_submodule("dense")(merged) + call["residual"]  # (B, T, hidden)
 
 
-def _mpt(model: PreTrainedModel, call: dict[str, Any], mask: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+def _mpt(model: PreTrainedModel, call: Captured, mask: Tensor, prefix: Tensor, case: Case) -> Tensor:
     """MPT: alibi relative to the newest key slot, ``slope * (slot - (P + T - 1))``."""
-    attention = model.get_submodule(f"transformer.blocks.{LAYER}.attn")
+    attention = model.get_submodule(case.path)
     hidden, heads = call["hidden"], model.config.n_heads
     seq_len, width = hidden.shape[1:]
     query, key, value = (_heads(part, heads) for part in attention.get_submodule("Wqkv")(hidden).chunk(3, dim=-1))
@@ -193,34 +279,63 @@ def _mpt(model: PreTrainedModel, call: dict[str, Any], mask: torch.Tensor, prefi
     return attention.get_submodule("out_proj")(merged)
 
 
-def _gpt_neo_window(model: PreTrainedModel, call: dict[str, Any], mask: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
-    """GPT-Neo's local layer: unscaled scores, causal window over key slots (prefix slots included)."""
-    attention = model.get_submodule(f"transformer.h.{LAYER}.attn.attention")
+def _gpt_neo(model: PreTrainedModel, call: Captured, mask: Tensor, prefix: Tensor, case: Case) -> Tensor:
+    """GPT-Neo: unscaled scores; causal over key slots (prefix slots included), and on a local layer
+    only the last ``window_size`` slots."""
+    attention = model.get_submodule(case.path)
     hidden, heads = call["hidden"], model.config.num_heads
-    query, key, value = (_heads(attention.get_submodule(name)(hidden), heads) for name in ("q_proj", "k_proj", "v_proj"))
-    visible = _slots_visible(mask, P, window=model.config.window_size)
+    query, key, value = (_heads(attention.get_submodule(name)(hidden), heads) for name in PROJECTIONS)
+    local = model.config.attention_layers[case.layer] == "local"
+    visible = _slots_visible(mask, P, window=model.config.window_size if local else None)
     return attention.get_submodule("out_proj")(_attend(query, key, value, prefix, visible, 1.0))
 
 
-ByHand = Callable[[PreTrainedModel, dict[str, Any], torch.Tensor, torch.Tensor], torch.Tensor]
-BY_HAND: dict[str, tuple[str, dict[str, Any], str, ByHand]] = {  # case -> (variant, overrides, module path, oracle)
-    "gptj": ("gptj", {}, f"transformer.h.{LAYER}.attn", _gptj),
-    "bloom": ("bloom", {}, f"transformer.h.{LAYER}.self_attention", _bloom),
-    "mpt": ("mpt", {}, f"transformer.blocks.{LAYER}.attn", _mpt),
-    # the prefix must not shorten the longest sequence MPT's alibi covers
-    "mpt_full_length": ("mpt", {"max_seq_len": SEQ_LEN}, f"transformer.blocks.{LAYER}.attn", _mpt),
-    "gpt_neo_window": ("gpt_neo_window", {}, f"transformer.h.{LAYER}.attn.attention", _gpt_neo_window),
+ByHand = Callable[[PreTrainedModel, Captured, Tensor, Tensor, "Case"], Tensor]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One hand-written check: a variant on a backend, the layer recomputed and the module that runs it."""
+
+    variant: str
+    impl: str
+    layer: int
+    path: str
+    oracle: ByHand
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+
+_PATHS: dict[str, tuple[str, ByHand]] = {  # model type -> (attention module path with {layer}, oracle)
+    "gptj": ("transformer.h.{layer}.attn", _gptj),
+    "codegen": ("transformer.h.{layer}.attn", _codegen),
+    "falcon": ("transformer.h.{layer}.self_attention", _falcon),
+    "bloom": ("transformer.h.{layer}.self_attention", _bloom),
+    "mpt": ("transformer.blocks.{layer}.attn", _mpt),
+    "gpt_neo": ("transformer.h.{layer}.attn.attention", _gpt_neo),
 }
 
 
+def _case(variant: str, impl: str, layer: int = LAYER, **overrides: Any) -> Case:
+    path, oracle = _PATHS[VARIANTS[variant][0]]
+    return Case(variant, impl, layer, path.format(layer=layer), oracle, tuple(overrides.items()))
+
+
+BY_HAND: dict[str, Case] = {
+    f"{variant}-{impl}": _case(variant, impl) for variant in VARIANTS for impl in implementations(variant)
+}
+BY_HAND["gpt_neo-eager-global"] = _case("gpt_neo", "eager", layer=0)  # layer 0 is global, layer 1 local
+# the prefix must not shorten the longest sequence MPT's alibi covers
+BY_HAND["mpt-eager-full_length"] = _case("mpt", "eager", max_seq_len=SEQ_LEN)
+
+
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left_padded"])
-@pytest.mark.parametrize("case", sorted(BY_HAND))
-def test_attention_layer_matches_hand_written_attention(case: str, padded: bool) -> None:
+@pytest.mark.parametrize("name", sorted(BY_HAND))
+def test_attention_layer_matches_hand_written_attention(name: str, padded: bool) -> None:
     """Oracle: the hooked layer's output recomputed by hand from its captured input."""
+    case = BY_HAND[name]
     batch = _batch(padded)
     position_ids = _real_positions(batch["attention_mask"])
-    variant, overrides, path, by_hand = BY_HAND[case]
-    model = build_variant(variant, "eager", seed=MODEL_SEED, **overrides)
+    model = build_variant(case.variant, case.impl, seed=MODEL_SEED, **dict(case.overrides))
     handle = attach_prefix(model, PrefixTuningConfig(num_virtual_tokens=P))
     _randomise(handle)
     captured: dict[str, Any] = {"position_ids": position_ids}
@@ -230,15 +345,15 @@ def test_attention_layer_matches_hand_written_attention(case: str, padded: bool)
         captured["residual"] = args[1] if len(args) > 1 else None
         captured["output"] = output[0]
 
-    hook = model.get_submodule(path).register_forward_hook(capture, with_kwargs=True)
+    hook = model.get_submodule(case.path).register_forward_hook(capture, with_kwargs=True)
     takes_positions = "position_ids" in inspect.signature(model.forward).parameters
     extra = {"position_ids": position_ids} if takes_positions else {}
     try:
         with handle, torch.no_grad():
             model(**batch, **extra)
             ours = captured["output"]  # (B, T, hidden)
-            prefix = handle.layer_prefixes()[LAYER]  # (2, kv_heads, P, D)
-            expected = by_hand(model, captured, batch["attention_mask"], prefix)
+            prefix = handle.layer_prefixes()[case.layer]  # (2, kv_heads, P, D)
+            expected = case.oracle(model, captured, batch["attention_mask"], prefix, case)
             with handle.disabled():
                 model(**batch, **extra)
             base = captured["output"]

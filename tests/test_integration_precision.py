@@ -7,6 +7,8 @@ the float32 model. LoRA, prompt tuning and IA3 compute exactly PEFT's operations
 1e-5. Prefix tuning feeds PEFT's prefix through the cache (cast to the model dtype there) where
 we splice it at the attention call, so the two round differently: equal to bf16/fp16 round-off,
 as each is to float32 (measured ~3e-3 in bf16, ~4e-4 in fp16; the prefix moves logits by ~0.4).
+PEFT runs through ``bridge_peft_cache_keyword`` (it passes the cache as ``past_key_values``,
+which transformers 5.24+ accepts only with a FutureWarning).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import cast
 import peft
 import pytest
 import torch
+from shared_fixtures import bridge_peft_cache_keyword
 from test_integration_compile import METHODS, make_adapter
 from test_lifecycle import assert_untouched, snapshot, warm_up
 from tiny_models import build_model, random_batch
@@ -58,7 +61,7 @@ def peft_model(folder: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     model = peft.PeftModel.from_pretrained(cast(nn.Module, build_model("llama")).to(dtype), folder)
     adapter = [p for name, p in model.named_parameters() if any(k in name for k in ("lora_", "ia3_", "prompt_encoder"))]
     assert adapter and all(p.dtype == torch.float32 for p in adapter)  # autocast_adapter_dtype=True
-    return model.eval()
+    return bridge_peft_cache_keyword(model.eval())
 
 
 def tolerance(method: str, dtype: torch.dtype) -> float:

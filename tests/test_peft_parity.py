@@ -14,6 +14,7 @@ import peft
 import pytest
 import torch
 from tiny_models import build_model, family_backend_pairs, random_batch
+from shared_fixtures import bridge_peft_cache_keyword
 from transformers import PreTrainedModel
 
 from prefix_hooks import PrefixAttachment, PrefixTuningConfig, attach_prefix
@@ -51,7 +52,7 @@ def _peft_model(
         prefix_projection=prefix_projection,
         inference_mode=inference_mode,
     )
-    return peft.get_peft_model(base, config).eval()
+    return bridge_peft_cache_keyword(peft.get_peft_model(base, config).eval())
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ from typing import Any, cast
 import pytest
 import torch
 import transformers
-from shared_fixtures import char_tokenizer
+from shared_fixtures import char_tokenizer, checkpointing_enabled
 from tiny_models import VOCAB, build_model, random_batch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerFast, Trainer, TrainingArguments
@@ -183,7 +183,7 @@ def test_trainer_trains_only_the_prefix(family: str, gradient_checkpointing: boo
         trainer.train()
         assert trainer.optimizer is not None
         optimized = [p for group in trainer.optimizer.param_groups for p in group["params"]]
-        checkpointing_during = model.is_activation_checkpointing
+        checkpointing_during = checkpointing_enabled(model)
 
     assert sorted(map(id, optimized)) == sorted(map(id, handle.parameters()))
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -193,7 +193,7 @@ def test_trainer_trains_only_the_prefix(family: str, gradient_checkpointing: boo
     assert all(not torch.equal(encoder_after[name], encoder_before[name]) for name in encoder_before)
 
     # restored: no adapter module, hook or frozen flag left; base tensors bit-identical
-    assert checkpointing_during == gradient_checkpointing == model.is_activation_checkpointing
+    assert checkpointing_during == gradient_checkpointing == checkpointing_enabled(model)
     if gradient_checkpointing:
         # Trainer's checkpointing hooks the input embedding (enable_input_require_grads); that hook stays
         embedding = model.get_input_embeddings()

@@ -1,6 +1,11 @@
 """generate() with a prompt attached: PEFT's greedy tokens, the cache against no cache (greedy
 and beam search), left-padded rows against the rows alone, a hand-written decode loop on the
-returned cache, and encoder-decoders (t5, bart) against PEFT."""
+returned cache, and encoder-decoders (t5, bart) against PEFT.
+
+Where transformers names the cache ``cache`` (5.24+, ``PEFT_CACHE_KEYWORD_STALE``) PEFT 0.21.2's
+cached decoder generate() prepends the prompt again at every step (measured in
+test_peft_breakage.py); there the oracle is PEFT's generate() without cache, which prepends the
+prompt to the whole sequence at every step and so never reads the cache PEFT mishandles."""
 
 from __future__ import annotations
 
@@ -11,10 +16,12 @@ import pytest
 import tiny_models
 import tiny_seq2seq
 import torch
+from shared_fixtures import PEFT_CACHE_KEYWORD_STALE, cache_kwargs
 from tiny_prompt import randomise_prompt
 from transformers import DynamicCache, PreTrainedModel
 
 from prefix_hooks.prompt import PromptAttachment, PromptEncoderConfig, PromptTuningConfig, attach_prompt
+from prefix_hooks.transformers_compat import cache_keyword, forward_parameters, output_cache
 
 P = 3  # num_virtual_tokens
 NEW_TOKENS = 6
@@ -65,7 +72,7 @@ def test_greedy_tokens_equal_peft(family: str, kind: str) -> None:
     base = _generate(model, inputs)
     with handle:
         got = _generate(model, inputs)
-    expected = _generate(peft_model, inputs)
+    expected = _generate(peft_model, inputs, use_cache=not PEFT_CACHE_KEYWORD_STALE)
     _assert_same_generation(got, expected)
     assert got.sequences.tolist() != base.sequences.tolist()  # the prompt steers generation
 
@@ -108,13 +115,13 @@ def test_decode_loop_on_returned_cache_equals_full_forward(family: str) -> None:
     with torch.no_grad(), _attached(model):
         full = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
         step = model(input_ids=ids[:, :5], attention_mask=mask[:, :5], position_ids=positions[:, :5], use_cache=True)
-        cache = step.past_key_values
+        cache = output_cache(step)
         assert cache.get_seq_length() == P + 5
         logits = [step.logits]
         for index in (5, 6):
             step = model(
                 input_ids=ids[:, index : index + 1], attention_mask=mask[:, : index + 1],
-                position_ids=positions[:, index : index + 1], past_key_values=cache, use_cache=True,
+                position_ids=positions[:, index : index + 1], **cache_kwargs(model, cache), use_cache=True,
             )
             logits.append(step.logits)
     torch.testing.assert_close(torch.cat(logits, dim=1), full, atol=ATOL, rtol=0)
@@ -124,11 +131,12 @@ def test_a_cache_without_the_virtual_tokens_is_refused() -> None:
     model = tiny_models.build_model("llama")
     batch = tiny_models.random_batch(1, 4)
     with torch.no_grad():
-        foreign = model(**batch, use_cache=True).past_key_values  # computed without the prompt
+        foreign = output_cache(model(**batch, use_cache=True))  # computed without the prompt
         with _attached(model), pytest.raises(RuntimeError, match="already holds 4 positions"):
-            model(input_ids=batch["input_ids"][:, -1:], past_key_values=foreign)
-        with _attached(model), pytest.raises(TypeError, match="past_key_values of type tuple"):
-            model(**batch, past_key_values=((torch.zeros(1),),))
+            model(input_ids=batch["input_ids"][:, -1:], **cache_kwargs(model, foreign))
+        keyword = cache_keyword(forward_parameters(model))
+        with _attached(model), pytest.raises(TypeError, match=f"^{keyword} of type tuple"):  # named as the caller passed it
+            model(**batch, **cache_kwargs(model, ((torch.zeros(1),),)))
     assert isinstance(foreign, DynamicCache)
 
 

@@ -18,6 +18,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from prefix_hooks import PrefixAttachment, PrefixTuningConfig, attach_prefix
+from prefix_hooks.transformers_compat import output_cache
 
 P = 4  # num_virtual_tokens
 BATCH = 2
@@ -181,7 +182,7 @@ def test_attention_layer_matches_hand_written_attention(family: str, attn_implem
 def _prompt_as_prefix(model: PreTrainedModel, prompt: torch.Tensor) -> torch.Tensor:
     """The base model's cached keys/values for ``prompt`` (1, P), in PEFT's flat layout:
     (P, L * 2 * kv_heads * D), for layer ``i`` keys then values, head-major."""
-    cache = model(input_ids=prompt, use_cache=True).past_key_values
+    cache = output_cache(model(input_ids=prompt, use_cache=True))
     per_layer = [
         torch.stack([layer.keys[0], layer.values[0]])  # (2, kv_heads, P, D)
         for layer in cache.layers

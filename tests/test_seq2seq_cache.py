@@ -13,9 +13,11 @@ from typing import Any
 
 import pytest
 import torch
+from shared_fixtures import cache_kwargs
 from tiny_seq2seq import DEEP_DECODER, FAMILIES, build, decoder_input_ids, encoder_inputs, randomise
 
 from prefix_hooks import PrefixTuningConfig, attach_prefix
+from prefix_hooks.transformers_compat import output_cache
 
 P = 3  # num_virtual_tokens
 ATOL = 1e-5
@@ -59,11 +61,11 @@ def test_seq2seq_chunked_decoding_matches_full_forward(case: tuple[str, str, dic
         out = model(**shared, decoder_input_ids=decoder_ids[:, :PREFILL])
         steps = [out.logits]
         for t in range(PREFILL, DECODE_LEN):
-            out = model(**shared, decoder_input_ids=decoder_ids[:, t : t + 1], past_key_values=out.past_key_values)
+            out = model(**shared, decoder_input_ids=decoder_ids[:, t : t + 1], **cache_kwargs(model, output_cache(out)))
             steps.append(out.logits)
-        cache = out.past_key_values
+        cache = output_cache(out)
         with handle.disabled():
-            base_cache = model(**shared, decoder_input_ids=decoder_ids).past_key_values
+            base_cache = output_cache(model(**shared, decoder_input_ids=decoder_ids))
 
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=ATOL, rtol=0)
     assert cache.get_seq_length() == DECODE_LEN  # real tokens only

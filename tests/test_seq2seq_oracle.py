@@ -18,11 +18,13 @@ from typing import Any
 
 import pytest
 import torch
+from shared_fixtures import cache_kwargs
 from tiny_seq2seq import DEEP_DECODER, FAMILIES, build, decoder_input_ids, depths, encoder_inputs, randomise
 from torch import nn
 from transformers import PreTrainedModel
 
 from prefix_hooks import PrefixTuningConfig, attach_prefix
+from prefix_hooks.transformers_compat import output_cache
 
 P = 3  # num_virtual_tokens
 ATOL = 1e-5
@@ -279,10 +281,10 @@ def test_seq2seq_learned_positions_follow_the_prefix(family: str, position_offse
         randomise(handle.encoder)
         decoder_rows = _looked_up_rows(decoder_table, lambda: model(**inputs, decoder_input_ids=decoder_ids))
         encoder_rows = _looked_up_rows(encoder_table, lambda: model.get_encoder()(**inputs))
-        cache = model(**inputs, decoder_input_ids=decoder_ids[:, :3], use_cache=True).past_key_values
+        cache = output_cache(model(**inputs, decoder_input_ids=decoder_ids[:, :3], use_cache=True))
         step_rows = _looked_up_rows(
             decoder_table,
-            lambda: model(**inputs, decoder_input_ids=decoder_ids[:, 3:4], past_key_values=cache, use_cache=True),
+            lambda: model(**inputs, decoder_input_ids=decoder_ids[:, 3:4], **cache_kwargs(model, cache), use_cache=True),
         )
     decoder_start = P if position_offset is None else position_offset
     encoder_start = position_offset or 0

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+from shared_fixtures import checkpointing_enabled
 from tiny_models import build_model, random_batch
 from torch import nn
 from transformers import PreTrainedModel
@@ -154,7 +155,7 @@ def test_gradient_checkpointing_gives_the_same_encoder_gradients(
 
     # after detach the checkpointing state is exactly what the user set
     model = result["model"]
-    assert model.is_activation_checkpointing
+    assert checkpointing_enabled(model)
     assert checkpointing_state(model) == result["user_state"]
     assert all(p.requires_grad and p.grad is None for p in model.parameters())
     embedding_hooks = model.get_input_embeddings()._forward_hooks

@@ -2,17 +2,22 @@
 
 ``FAMILIES``/``build``/``example_inputs`` serve the coverage matrix (one default variant per
 model type); ``VARIANTS``/``build_variant`` add the configurations these families differ by
-(falcon's multi-query, grouped, full and alibi attention; a gpt_neo window shorter than the
-test sequences). Dropout is off everywhere so training tests are deterministic.
+(falcon's multi-query, grouped, full and alibi attention, parallel or sequential; a gpt_neo
+window shorter than the test sequences). Dropout is off everywhere so training tests are
+deterministic. ``feed_chunks`` passes the cache under the keyword the installed transformers
+takes (``cache`` since 5.24, ``past_key_values`` before), never a deprecated one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from tiny_models import VOCAB, random_batch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from prefix_hooks.transformers_compat import cache_keyword, forward_parameters
 
 _IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "vocab_size": VOCAB}
 _FALCON = dict(
@@ -33,6 +38,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "falcon_mha": ("falcon", {**_FALCON, "multi_query": False}),  # one kv head per query head
     "falcon_gqa": ("falcon", {**_FALCON, "new_decoder_architecture": True, "num_kv_heads": 2}),
     "falcon_alibi": ("falcon", {**_FALCON, "alibi": True, "multi_query": False, "parallel_attn": False}),
+    # grouped kv heads with alibi, as the Falcon2-style checkpoints with alibi are laid out
+    "falcon_gqa_alibi": ("falcon", {**_FALCON, "new_decoder_architecture": True, "num_kv_heads": 2, "alibi": True}),
     "gptj": ("gptj", _GPTJ_LIKE),
     "codegen": ("codegen", {**_GPTJ_LIKE, "n_ctx": 256}),
     "gpt_neo": ("gpt_neo", _GPT_NEO),  # layer 0 global, layer 1 local (window longer than any test sequence)
@@ -41,13 +48,19 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "mpt": ("mpt", dict(d_model=32, n_layers=2, n_heads=4, expansion_ratio=2, max_seq_len=64, use_cache=True, **_IDS)),
 }
 
+def _backends(model_type: str) -> tuple[str, ...]:
+    """``eager``, plus ``sdpa`` where the installed transformers builds the family with it (falcon on
+    every release; gptj and codegen since they moved onto the attention registry in 5.24)."""
+    config = AutoConfig.for_model(model_type, **VARIANTS[model_type][1])
+    try:
+        AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    except ValueError:  # "does not support an attention implementation through torch.nn.functional.sdpa"
+        return ("eager",)
+    return ("eager", "sdpa")
+
+
 FAMILIES: dict[str, tuple[str, ...]] = {
-    "falcon": ("eager", "sdpa"),
-    "gptj": ("eager",),
-    "codegen": ("eager",),
-    "gpt_neo": ("eager",),
-    "bloom": ("eager",),
-    "mpt": ("eager",),
+    model_type: _backends(model_type) for model_type in ("falcon", "gptj", "codegen", "gpt_neo", "bloom", "mpt")
 }
 """model_type -> attention implementations its tiny model builds with on CPU."""
 
@@ -81,3 +94,37 @@ def build(model_type: str, attn_implementation: str = "sdpa", seed: int = 0) -> 
 def example_inputs(model_type: str, batch: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
     """``input_ids``/``attention_mask`` of length 7, row 1 left-padded by 2 (when ``batch > 1``)."""
     return random_batch(batch, 7, seed=seed, left_pad=[0, 2][:batch])
+
+
+def cache_kwargs(model: PreTrainedModel, cache: Any) -> dict[str, Any]:
+    """``{keyword: cache}`` under the keyword ``model.forward`` takes (``cache`` or ``past_key_values``)."""
+    keyword = cache_keyword(forward_parameters(model))
+    assert keyword is not None, f"{type(model).__name__}.forward takes no cache"
+    return {keyword: cache}
+
+
+def feed_chunks(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    plan: list[int],
+    cache: Any,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    after_chunk: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Feed ``input_ids`` chunk by chunk (sizes ``plan``) into ``cache``; the logits of all positions ``(B, T, V)``."""
+    logits = []
+    start = 0
+    for size in plan:
+        end = start + size
+        kwargs: dict[str, Any] = {}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask[:, :end]  # (B, past + chunk)
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids[:, start:end]  # (B, chunk)
+        out = model(input_ids=input_ids[:, start:end], use_cache=True, **cache_kwargs(model, cache), **kwargs)
+        logits.append(out.logits)
+        if after_chunk is not None:
+            after_chunk(end)
+        start = end
+    return torch.cat(logits, dim=1)  # (B, T, V)

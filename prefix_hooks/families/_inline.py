@@ -1,10 +1,18 @@
-"""What the inline-attention families (falcon, gptj, codegen, gpt_neo, bloom, mpt) share.
+"""What the families with attention of their own (falcon, gptj, codegen, gpt_neo, bloom, mpt) share.
 
-These modules compute attention themselves instead of calling the attention-function
-registry. Each gets a forward pre-hook (:func:`prefix_hooks.cache_view.install_cache_view_hooks`)
-that swaps its cache argument for a view prepending the prefix, and widens its mask by
-``P`` columns that every query may attend. A family says which argument holds the cache,
-which attribute holds the layer index and, where needed, how its alibi bias grows.
+Up to transformers 5.23 these modules compute attention themselves instead of calling the
+attention-function registry. Each such module gets a forward pre-hook
+(:func:`prefix_hooks.cache_view.install_cache_view_hooks`) that swaps its cache argument
+for a view prepending the prefix, and widens its mask by ``P`` columns that every query may
+attend. A family says which attribute holds the layer index and, where needed, how its
+alibi bias grows; the cache argument's name comes from each module's signature.
+
+Since 5.24 GPT-J and CodeGen attend through the registry and pass ``**kwargs`` down to it:
+a module found to call the registry (:func:`prefix_hooks.transformers_compat.attends_through_registry`)
+is served by the interposer like any llama-style family, which handles every backend's
+mask (sdpa's implicit causal ``mask=None`` included), and gets no hook. A family whose
+registry calls still need a cache view (Falcon: its layers drop ``**kwargs``, its alibi
+lives in the mask) says so in :meth:`InlineAttentionAdapter.serves_through_registry`.
 
 Alibi (bloom, falcon with ``alibi=True``): the model biases key ``j`` by ``slope * j``
 with ``j`` counted from the row's first real token (softmax ignores the per-query
@@ -12,7 +20,6 @@ constant of true ALiBi). The prefix sits right before that token, at ``-P..-1``,
 PEFT (which puts it in the cache and counts it in the mask): the real tokens keep their
 own bias, so no position offset applies to these families.
 """
-
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -31,6 +38,7 @@ from prefix_hooks.families.base import (
     SpliceSource,
 )
 from prefix_hooks.splice import extend_mask
+from prefix_hooks.transformers_compat import MASK_KEYWORD, attends_through_registry
 
 if TYPE_CHECKING:
     from prefix_hooks.attachment import UndoStack
@@ -92,37 +100,45 @@ def widen_alibi(alibi: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class InlineAttentionAdapter(ArchitectureAdapter):
-    """An adapter for attention modules that call ``cache.update`` and then attend inline.
+    """An adapter for attention modules that call ``cache.update`` and then attend inline, or
+    (on newer releases) through the attention-function registry.
 
     Attributes:
-        cache_argument: the attention module's cache parameter.
         mask_fill: value of the prefix's mask columns (``None``: the mask's "attend" value).
     """
 
-    cache_argument: str = "layer_past"
     mask_fill: MaskFill = None
+
+    def serves_through_registry(self, module: nn.Module) -> bool:
+        """Whether the interposer delivers ``module``'s prefix (no cache view): it calls the
+        attention-function registry, which receives the per-forward state through ``**kwargs``."""
+        return attends_through_registry(module)
 
     def unsupported_reason(self, model: nn.Module) -> str | None:
         implementation = getattr(model.config, "_attn_implementation", None)
-        if implementation not in (None, "eager", "sdpa"):
-            return (
-                f"{self.name} with attn_implementation={implementation!r} is not supported with a prefix "
-                "(its attention is computed inline); load the model with attn_implementation='eager'"
-                + (" or 'sdpa'" if self.name == "falcon" else "")
-            )
-        return None
+        if implementation in (None, "eager", "sdpa"):
+            return None
+        sites = [module for module in model.modules() if type(module).__name__ in self.attention_classes]
+        if sites and all(self.serves_through_registry(module) for module in sites):
+            return None  # the interposer serves every site: its own backend check applies
+        return (
+            f"{self.name} with attn_implementation={implementation!r} is not supported with a prefix "
+            "(its attention modules take the prefix through a cache view, whose masks only eager and sdpa read); "
+            "load the model with attn_implementation='eager'" + (" or 'sdpa'" if self.name == "falcon" else "")
+        )
 
     def install_site_hooks(self, sites: list[AttentionSite], current_state: CurrentState, undo: UndoStack) -> None:
-        install_cache_view_hooks(sites, current_state, undo, self.cache_argument, self.extend_arguments)
+        viewed = [site for site in sites if not self.serves_through_registry(site.module)]
+        install_cache_view_hooks(viewed, current_state, undo, self.extend_arguments)
 
     def extend_arguments(self, module: nn.Module, call: ForwardCall, num_prefix: int, state: SpliceSource) -> None:
-        """Widen the call's ``attention_mask`` by ``P`` visible columns (``None`` stays ``None``).
+        """Widen the call's mask by ``P`` visible columns (``None`` stays ``None``).
 
         Families with more position-dependent arguments (alibi) extend this.
         """
-        mask = call.get("attention_mask")
+        mask = call.get(MASK_KEYWORD)
         if isinstance(mask, torch.Tensor):
-            call.set("attention_mask", memoized(state, "mask", mask, lambda: widen_mask(mask, num_prefix, self.mask_fill)))
+            call.set(MASK_KEYWORD, memoized(state, "mask", mask, lambda: widen_mask(mask, num_prefix, self.mask_fill)))
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from torch import nn
 
 from prefix_hooks.config import EncoderDecoderLayout, PrefixTuningConfig
 from prefix_hooks.families.base import ArchitectureAdapter, AttentionSite, CurrentState, ForwardCall
+from prefix_hooks.transformers_compat import CACHE_LENGTH_KEYWORDS, cache_length_keyword, forward_parameters
 
 if TYPE_CHECKING:
     from prefix_hooks.attachment import UndoStack
@@ -200,7 +201,7 @@ class EncoderDecoderAdapter(ArchitectureAdapter):
         """Per-stack hooks; the default shifts the stack's ``embed_positions`` lookups."""
         table = getattr(stack, "embed_positions", None)
         if isinstance(table, nn.Embedding):
-            handle = table.register_forward_pre_hook(_position_shift(current_state), with_kwargs=True)
+            handle = table.register_forward_pre_hook(_position_shift(current_state, table), with_kwargs=True)
             undo.push(handle.remove)
 
 
@@ -214,9 +215,15 @@ def _sites_by_stack(sites: Sequence[AttentionSite]) -> dict[nn.Module, list[Seq2
     return groups
 
 
-def _position_shift(current_state: CurrentState) -> Any:
-    """A pre-hook for a learned-position table called as ``(ids, past_key_values_length=0,
-    position_ids=None)``: adds the running forward's offset to the positions it looks up."""
+def _position_shift(current_state: CurrentState, table: nn.Module) -> Any:
+    """A pre-hook for a learned-position table called as ``(ids, cache_length=0, position_ids=None)``
+    (``past_key_values_length`` before transformers 5.24): adds the running forward's offset to the
+    positions it looks up."""
+    length_keyword = cache_length_keyword(forward_parameters(table))
+    if length_keyword is None:
+        raise ValueError(
+            f"{type(table).__name__}.forward takes none of {CACHE_LENGTH_KEYWORDS}; cannot shift its positions"
+        )
 
     def shift(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         state = current_state()
@@ -228,7 +235,7 @@ def _position_shift(current_state: CurrentState) -> Any:
         elif len(args) > 1:
             args = (args[0], args[1] + offset, *args[2:])
         else:
-            kwargs["past_key_values_length"] = kwargs.get("past_key_values_length", 0) + offset
+            kwargs[length_keyword] = kwargs.get(length_keyword, 0) + offset
         return args, kwargs
 
     return shift

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import nn
 
+from prefix_hooks.transformers_compat import cached_length, find_cache
+
 if TYPE_CHECKING:
     from prefix_hooks.attachment import UndoStack
     from prefix_hooks.config import PrefixTuningConfig
@@ -257,8 +259,8 @@ class ArchitectureAdapter:
         tokens = input_ids if input_ids is not None else call.get("inputs_embeds")
         if tokens is None:
             return
-        cache = call.get("past_key_values")
-        past_len = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+        _, cache = find_cache(call)
+        past_len = cached_length(cache)
         mask = call.get("attention_mask")
         inputs = PositionInputs(
             seq_len=tokens.shape[1],

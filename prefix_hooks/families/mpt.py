@@ -1,4 +1,5 @@
-"""MPT: alibi, no position ids; its bool mask means ``True = masked``; cache argument ``past_key_values``.
+"""MPT: alibi, no position ids; its bool mask means ``True = masked``; attention inline on every release
+(its cache argument is ``past_key_values``, ``cache`` since 5.24, read from the signature).
 
 The attention module takes the last ``S_k`` columns of ``position_bias`` ``(H, 1, max_seq_len)``
 (``slope * (k - (S_k - 1))``, relative to the newest key), so with ``P`` prefix keys in front
@@ -17,6 +18,7 @@ from torch import nn
 
 from prefix_hooks.families._inline import PositionFreeAdapter, memoized
 from prefix_hooks.families.base import ForwardCall, SpliceSource
+from prefix_hooks.transformers_compat import POSITION_BIAS_KEYWORD
 
 
 def widen_position_bias(bias: torch.Tensor, num_prefix: int) -> torch.Tensor:
@@ -33,15 +35,15 @@ class MptAdapter(PositionFreeAdapter):
 
     def extend_arguments(self, module: nn.Module, call: ForwardCall, num_prefix: int, state: SpliceSource) -> None:
         super().extend_arguments(module, call, num_prefix, state)
-        bias = call.get("position_bias")
+        bias = call.get(POSITION_BIAS_KEYWORD)
         if isinstance(bias, torch.Tensor):
-            call.set("position_bias", memoized(state, "position_bias", bias, lambda: widen_position_bias(bias, num_prefix)))
+            widened = memoized(state, "position_bias", bias, lambda: widen_position_bias(bias, num_prefix))
+            call.set(POSITION_BIAS_KEYWORD, widened)
 
 
 ADAPTER = MptAdapter(
     name="mpt",
     model_types=("mpt",),
     attention_classes=("MptAttention",),
-    cache_argument="past_key_values",
     mask_fill=False,
 )

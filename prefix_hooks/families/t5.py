@@ -25,7 +25,8 @@ from transformers.cache_utils import EncoderDecoderCache
 
 from prefix_hooks.config import EncoderDecoderLayout
 from prefix_hooks.families._seq2seq import CROSS, DECODER, ENCODER, EncoderDecoderAdapter, Seq2SeqSite
-from prefix_hooks.families.base import CurrentState
+from prefix_hooks.families.base import CurrentState, ForwardCall
+from prefix_hooks.transformers_compat import find_cache, forward_parameters
 
 if TYPE_CHECKING:
     from prefix_hooks.attachment import UndoStack
@@ -80,7 +81,7 @@ def _past_and_key_length(module: Any, role: str, q_len: int, kwargs: dict[str, A
     """``(tokens already cached, keys the attention will see)`` for this call, as T5Attention counts them."""
     if role == CROSS:
         return 0, kwargs["key_value_states"].shape[1]  # the encoder length, cached or not
-    cache = kwargs.get("past_key_values")
+    _, cache = find_cache(ForwardCall(forward_parameters(module), (), kwargs))
     if isinstance(cache, EncoderDecoderCache):
         cache = cache.self_attention_cache
     if cache is None:

@@ -60,6 +60,7 @@ from prefix_hooks.prompt.modules import (
     token_embeddings,
 )
 from prefix_hooks.saved_modules import SavedModules, task_heads
+from prefix_hooks.transformers_compat import find_cache, output_cache, require_known_cache_parameter
 
 _PER_TOKEN_TASKS = frozenset({TaskType.CAUSAL_LM, TaskType.TOKEN_CLS})
 _PER_TOKEN_CLASS_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForTokenClassification", "ForMaskedLM")
@@ -104,6 +105,7 @@ def _prompt_root(model: nn.Module) -> nn.Module:
             "features sit among the token embeddings)"
         )
     root = model.get_encoder() if getattr(config, "is_encoder_decoder", False) else model  # type: ignore[operator]
+    require_known_cache_parameter(root)
     params = inspect.signature(root.forward).parameters
     missing = [name for name in ("input_ids", "inputs_embeds") if name not in params]
     if missing:
@@ -161,8 +163,8 @@ def _report_mean_loss_to_trainer(model: nn.Module, undo: UndoStack) -> None:
     undo.push(restore)
 
 
-def _filled_cache(cache: object) -> Cache | None:
-    """``cache`` if it already holds positions, ``None`` if it is absent or empty.
+def _filled_cache(cache: object, keyword: str | None) -> Cache | None:
+    """``cache`` (passed as ``keyword``) if it already holds positions, ``None`` if it is absent or empty.
 
     Raises:
         TypeError: ``cache`` is not a transformers ``Cache``.
@@ -171,7 +173,7 @@ def _filled_cache(cache: object) -> Cache | None:
         return None
     if not isinstance(cache, Cache):
         raise TypeError(
-            f"past_key_values of type {type(cache).__name__} is not accepted with prompt tuning; expected a "
+            f"{keyword} of type {type(cache).__name__} is not accepted with prompt tuning; expected a "
             "transformers Cache (e.g. DynamicCache)"
         )
     return cache if cache.get_seq_length() else None
@@ -289,10 +291,10 @@ class PromptAttachment(Attachment):
         if tokens is None:
             return None  # the model raises its own error
         mask, positions = call.get("attention_mask"), call.get("position_ids")
-        given_cache = None if self._encoder_decoder else call.get("past_key_values")
+        keyword, given_cache = (None, None) if self._encoder_decoder else find_cache(call)
         if getattr(given_cache, "is_compileable", False):
             raise ValueError(
-                f"past_key_values of type {type(given_cache).__name__} is not supported with prompt tuning: a static "
+                f"{keyword} of type {type(given_cache).__name__} is not supported with prompt tuning: a static "
                 f"cache is sized for the real tokens, with no room for the {self.num_virtual_tokens} virtual tokens "
                 "(and generate() gives it a 4-D mask without them); use the default DynamicCache"
             )
@@ -306,9 +308,9 @@ class PromptAttachment(Attachment):
                 "these rows would be classified at a pad position (PEFT does so silently). Pad on the left "
                 "(tokenizer.padding_side = 'left') or classify one text per call"
             )
-        cache = _filled_cache(given_cache)
+        cache = _filled_cache(given_cache, keyword)
         if cache is not None:
-            return self._continue(call, cache)
+            return self._continue(call, cache, keyword)
         num_virtual = self.num_virtual_tokens
         length = tokens.shape[1]
         if embeds is None:
@@ -336,11 +338,11 @@ class PromptAttachment(Attachment):
         self._prepended.set(_Prepended(length, to_tuple))
         return call.args, call.kwargs
 
-    def _continue(self, call: ForwardCall, cache: Cache) -> Any:
+    def _continue(self, call: ForwardCall, cache: Cache, keyword: str | None) -> Any:
         """A call continuing a cache: its virtual tokens must be this prompt's, already cached."""
         if cache not in self._caches:
             raise RuntimeError(
-                f"past_key_values already holds {cache.get_seq_length()} positions that were not computed with the "
+                f"{keyword} already holds {cache.get_seq_length()} positions that were not computed with the "
                 f"prompt {self.adapter_name!r}; start from an empty cache (or none) so the virtual tokens are cached "
                 "first"
             )
@@ -356,7 +358,7 @@ class PromptAttachment(Attachment):
         self._prepended.set(None)
         if prepended is None:
             return None
-        cache = output.get("past_key_values") if hasattr(output, "get") else None
+        cache = output_cache(output)
         if isinstance(cache, Cache):
             self._caches.add(cache)
         if not self.config.keep_virtual_outputs:
