@@ -6,7 +6,7 @@ and then the returned function with ``(module, query, key, value, mask, **kwargs
 While any prefix is attached, ``get_interface`` is shadowed on the registry instance
 by a function that returns a thin wrapper around whatever the registry would have
 returned (the model file's own eager function included). The wrapper pops the
-per-forward :class:`SpliceSource` that the root pre-hook put into ``**kwargs`` and, if
+per-forward :class:`SpliceSource` that the root's forward put into ``**kwargs`` and, if
 it has a prefix for the calling module, splices it in; any other call passes straight
 through unchanged.
 

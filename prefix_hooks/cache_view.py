@@ -23,6 +23,7 @@ knows nothing about masks.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -131,23 +132,36 @@ def install_cache_view_hooks(
                 f"{', '.join(CACHE_KEYWORDS)}); parameters: {params}"
             )
 
-        def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], params: list[str] = params,
-                     cache_parameter: str = cache_parameter) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-            state = current_state()
-            if state is None:
-                return None
-            prefix = state.prefix_for(module)
-            if prefix is None:
-                return None
-            prefix_key, prefix_value = prefix  # (kv_heads, P, D) each
-            call = ForwardCall(params, args, dict(kwargs), module=module)
-            call.kwargs.pop(STATE_KWARG, None)
-            given_as, cache = find_cache(call)
-            if given_as is not None and given_as != cache_parameter and given_as in call.kwargs:
-                del call.kwargs[given_as]  # an old spelling: pass the view under the module's own name only
-            call.set(cache_parameter, PrefixCacheView(cache, prefix_key, prefix_value))
-            extend_arguments(module, call, int(prefix_key.shape[1]), state)
-            return call.args, call.kwargs
-
+        # a partial, not a closure: a copy of the attached model rebinds it to the copy's state
+        pre_hook = functools.partial(_hand_view, current_state, extend_arguments, params, cache_parameter, STATE_KWARG)
         handle = site.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
         undo.push(handle.remove)
+
+
+def _hand_view(
+    current_state: CurrentState,
+    extend_arguments: ExtendArguments,
+    params: list[str],
+    cache_parameter: str,
+    state_kwarg: str,
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """The pre-hook of :func:`install_cache_view_hooks` on one attention module (``state_kwarg``: the
+    interposer's keyword, taken out of the call)."""
+    state = current_state()
+    if state is None:
+        return None
+    prefix = state.prefix_for(module)
+    if prefix is None:
+        return None
+    prefix_key, prefix_value = prefix  # (kv_heads, P, D) each
+    call = ForwardCall(params, args, dict(kwargs), module=module)
+    call.kwargs.pop(state_kwarg, None)
+    given_as, cache = find_cache(call)
+    if given_as is not None and given_as != cache_parameter and given_as in call.kwargs:
+        del call.kwargs[given_as]  # an old spelling: pass the view under the module's own name only
+    call.set(cache_parameter, PrefixCacheView(cache, prefix_key, prefix_value))
+    extend_arguments(module, call, int(prefix_key.shape[1]), state)
+    return call.args, call.kwargs

@@ -6,8 +6,13 @@ On attach, in this order (each step undone on detach, in reverse):
 2. the :class:`PrefixEncoder` is registered under the model (``model.parameters()``
    yields it, so an optimizer built by Trainer trains it);
 3. the attention interposer is installed (shared by all attached models);
-4. a forward pre-hook on the base model computes the prefix once per forward, hands
-   it to the attention layers through ``**kwargs`` and offsets ``position_ids``.
+4. the base model's ``forward`` (each stack's, for an encoder-decoder) is shadowed by an
+   instance attribute (:mod:`prefix_hooks.shadows`) that computes the prefix once per forward,
+   hands it to the attention layers through ``**kwargs``, offsets ``position_ids`` and checks
+   that the attention layers took it. An instance ``forward`` runs however the model is
+   invoked: ``model(...)``, ``model.forward(...)``, ``model.model(...)``,
+   ``model.model.forward(...)`` (sentence-transformers calls ``forward`` directly), where a
+   forward hook would run only in ``__call__``.
 """
 
 from __future__ import annotations
@@ -24,9 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from prefix_hooks.transformers_compat import require_known_cache_parameter
 from prefix_hooks import attention_interposer, parameter_versions
-from prefix_hooks.attachment import Attachment, UndoStack, attachments_of, freeze_parameters, register_child
+from prefix_hooks.attachment import Attachment, Hold, UndoStack, attachments_of, freeze_parameters, register_child
 from prefix_hooks.config import PrefixTuningConfig, resolve_prefix_config
 from prefix_hooks.devices import compute_device
 from prefix_hooks.families import ArchitectureAdapter, AttentionSite, ModelDims, adapter_for
@@ -34,7 +38,9 @@ from prefix_hooks.families.base import ForwardCall
 from prefix_hooks.prefix_encoder import PrefixEncoder
 from prefix_hooks.prefix_views import LayerViews, expanded
 from prefix_hooks.saved_modules import SavedModules, task_heads
+from prefix_hooks.shadows import shadow_forward
 from prefix_hooks.splice import SUPPORTED_IMPLEMENTATIONS, Backend, backend_of
+from prefix_hooks.transformers_compat import require_known_cache_parameter
 
 
 class SpliceCount:
@@ -112,7 +118,7 @@ class PrefixForwardState:
 
 @dataclass(frozen=True)
 class _Root:
-    """A module whose forward pre-hook builds the prefix state, with its parameter names and offset."""
+    """A module whose (shadowed) forward builds the prefix state, with its parameter names and offset."""
 
     module: nn.Module
     params: list[str]
@@ -158,6 +164,8 @@ class PrefixAttachment(Attachment):
         saved_modules: the ``modules_to_save`` copies (plus the task head PEFT trains for
             ``SEQ_CLS`` / ``TOKEN_CLS`` / ``QUESTION_ANS``), swapped in while attached.
     """
+
+    _transient_attributes = ("_kv_memo", "_views")
 
     def __init__(self, model: nn.Module, config: PrefixTuningConfig, adapter_name: str = "default") -> None:
         super().__init__(model, adapter_name)
@@ -243,24 +251,28 @@ class PrefixAttachment(Attachment):
     def _install(self, undo: UndoStack) -> None:
         self._forget_views()  # steps taken while detached are not counted
         undo.push(self._forget_views)
-        parameter_versions.acquire()
-        undo.push(parameter_versions.release)
+        undo.push(self._forget_current)  # run last: the detaching thread's context keeps no state (nor model)
+        undo.push(Hold(parameter_versions.acquire, parameter_versions.release))
         freeze_parameters(self.model, undo)
         register_child(self.model, self._child_name, self.encoder, undo)
         self.saved_modules.install(undo)
-        attention_interposer.acquire()
-        undo.push(attention_interposer.release)
+        undo.push(Hold(attention_interposer.acquire, attention_interposer.release))
+        owner = f"the prefix {self.adapter_name!r}"
         for root in self._roots:
-            pre_hook = root.module.register_forward_pre_hook(functools.partial(self._pre_forward, root), with_kwargs=True)
-            undo.push(pre_hook.remove)
-            post_hook = root.module.register_forward_hook(self._check_spliced, with_kwargs=True)
-            undo.push(post_hook.remove)
+            shadow_forward(root.module, functools.partial(self._run_root, root), owner, undo)
         self.family.install_site_hooks(self._sites, self._current_state, undo)
 
     def _forget_views(self) -> None:
         self._kv_memo = None
         self._views.clear()
         self.encoder.forget()
+
+    def _reset_transient(self) -> None:
+        self._kv_memo = None
+        self._views = LayerViews()
+
+    def _forget_current(self) -> None:
+        self._current.set(None)
 
     def _current_state(self) -> PrefixForwardState | None:
         return self._current.get() if self.is_enabled else None
@@ -278,9 +290,11 @@ class PrefixAttachment(Attachment):
         self._kv_memo = None if recording else (flat, kv)
         return kv
 
-    def _pre_forward(self, root: _Root, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if not self.is_enabled:
-            return None
+    def _run_root(self, root: _Root, forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """One call of ``root``'s forward, however it was invoked: build this forward's prefix state,
+        pass it down through ``**kwargs``, shift the positions, run, check that the layers took it."""
+        if not self.is_attached or not self.is_enabled or attention_interposer.STATE_KWARG in kwargs:
+            return forward(*args, **kwargs)  # detached, disabled, or a stack inside a root already served
         self._check_implementation()
         state = PrefixForwardState(
             self._layer_of, self.layer_prefixes(), self.layer_prefixes, position_offset=root.offset, views=self._views
@@ -290,11 +304,12 @@ class PrefixAttachment(Attachment):
         call.kwargs[attention_interposer.STATE_KWARG] = state
         if root.offset:
             self.family.offset_positions(call, root.offset)
-        return call.args, call.kwargs
+        output = forward(*call.args, **call.kwargs)
+        self._check_spliced(root.module, state)
+        return output
 
-    def _check_spliced(self, module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
-        state = kwargs.get(attention_interposer.STATE_KWARG)
-        if isinstance(state, PrefixForwardState) and state.spliced == 0 and self._layer_of:
+    def _check_spliced(self, module: nn.Module, state: PrefixForwardState) -> None:
+        if state.spliced == 0 and self._layer_of:
             raise RuntimeError(
                 f"the prefix reached none of the {len(self._layer_of)} attention layers during "
                 f"{type(module).__name__}.forward; the {self.family.name!r} family adapter does not match "

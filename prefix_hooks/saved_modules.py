@@ -7,6 +7,8 @@ behaviour: it selects the modules (on the model as it is without adapters), keep
 trainable copy of each (built once, kept across detach and attach, so training resumes) and,
 while attached, puts a :class:`~prefix_hooks.lora.modules_to_save.ModulesToSaveWrapper` in
 each module's place that runs the copy. Detach puts the original module object back.
+:meth:`SavedModules.disabled` switches the copies off in the current thread / async task only,
+as the adapter's own ``disabled()`` does.
 
 Parameter names follow PEFT: ``<module>.modules_to_save.<adapter>.<param>``.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -24,6 +27,7 @@ from prefix_hooks.attachment import UndoStack
 from prefix_hooks.config import TaskType
 from prefix_hooks.lora import swaps
 from prefix_hooks.lora.modules_to_save import ModulesToSaveWrapper
+from prefix_hooks.lora.switch import Switch
 from prefix_hooks.lora.targets import TASK_MODULES_TO_SAVE, select_modules_to_save
 
 
@@ -85,6 +89,7 @@ class SavedModules:
             duplicate.requires_grad_(trainable)
             self._saved.append(_Saved(name, tuple(parent), child, modules[name], duplicate))
         self.names = selected
+        self._switch = Switch()  # what disabled() turns off in one thread / task; the wrappers hold it
 
     def copies(self) -> list[nn.Module]:
         """The trainable copies, in ``names`` order."""
@@ -112,7 +117,7 @@ class SavedModules:
         for saved in self._saved:
             parent = self._parent_of(saved)
             wrapper = ModulesToSaveWrapper(saved.original)
-            wrapper.add_copy(self.adapter_name, saved.duplicate)
+            wrapper.add_copy(self.adapter_name, saved.duplicate, switch=self._switch)
             wrapper.set_active([self.adapter_name])
             swaps.match_training(wrapper, saved.original)
             parent._modules[saved.child_name] = wrapper  # same key, same position
@@ -120,23 +125,10 @@ class SavedModules:
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
-        """The originals run instead of the copies inside (model-wide: a wrapper has one switch)."""
-        wrappers = self._wrappers()
-        for wrapper in wrappers:
-            wrapper.set_active([])
-        try:
+        """The originals run instead of the copies inside, in the current thread (and async task) only:
+        the wrappers read this adapter's :class:`~prefix_hooks.lora.switch.Switch` at each forward."""
+        with self._switch.off():
             yield
-        finally:
-            for wrapper in wrappers:
-                wrapper.set_active([self.adapter_name])
-
-    def _wrappers(self) -> list[ModulesToSaveWrapper]:
-        found = []
-        for saved in self._saved:
-            current = self._parent_of(saved)._modules.get(saved.child_name)
-            if isinstance(current, ModulesToSaveWrapper) and current.original_module is saved.original:
-                found.append(current)
-        return found
 
     def _parent_of(self, saved: _Saved) -> nn.Module:
         parent = self.model
@@ -151,7 +143,9 @@ class SavedModules:
 
 
 def _put_back(parent: nn.Module, saved: _Saved) -> Callable[[], None]:
-    def action() -> None:
-        parent._modules[saved.child_name] = saved.original
+    """The undo of one swap (a partial, so a copy of the attached model puts back its own module)."""
+    return functools.partial(_put_original_back, parent, saved)
 
-    return action
+
+def _put_original_back(parent: nn.Module, saved: _Saved) -> None:
+    parent._modules[saved.child_name] = saved.original

@@ -88,7 +88,7 @@ def _fields(case: Case, method: str) -> dict[str, Any]:
 
 def trained(case: Case, method: str) -> PromptAttachment:
     """A fresh model of ``case`` and a prompt (plus head copies) with random weights."""
-    fields = _fields(case, method)
+    fields = {**_fields(case, method), "virtual_token_placement": "peft"}  # left-padded inputs, compared with PEFT
     config = PromptTuningConfig(**fields) if method == "prompt" else PromptEncoderConfig(**fields)
     handle = attach_prompt(case.build(), config)
     randomise(list(handle.parameters()))

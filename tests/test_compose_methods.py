@@ -134,7 +134,9 @@ def test_lora_and_ia3_equal_lora_on_hand_scaled_weights() -> None:
     torch.testing.assert_close(results[0], want, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("config", [PromptTuningConfig(num_virtual_tokens=P), PromptEncoderConfig(num_virtual_tokens=P)],
+# PEFT's layout: the hand-made oracle puts the prompt in front of the left padding
+@pytest.mark.parametrize("config", [PromptTuningConfig(num_virtual_tokens=P, virtual_token_placement="peft"),
+                                    PromptEncoderConfig(num_virtual_tokens=P, virtual_token_placement="peft")],
                          ids=["prompt-tuning", "p-tuning"])
 def test_prompt_and_lora_equal_lora_on_a_hand_made_prompt(config: PromptTuningConfig | PromptEncoderConfig) -> None:
     model = build_model("llama")

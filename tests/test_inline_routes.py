@@ -99,26 +99,19 @@ def test_a_cache_view_keeps_the_interposer_out(variant: str, impl: str, monkeypa
         expected = model(**batch).logits
     states: list[Any] = []
 
-    def keep_state(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        states.append(kwargs.get(STATE_KWARG))
-
     def pass_state_down(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        states.append(handle._current_state())  # the state the root's forward built for this forward
         return args, {**kwargs, STATE_KWARG: states[-1]}
 
     # runs before the view's hook (registered first), as a layer passing **kwargs would
     down = [site.module.register_forward_pre_hook(pass_state_down, with_kwargs=True) for site in sites]
     try:
-        with handle:
-            root_hook = model.get_submodule("transformer").register_forward_pre_hook(keep_state, with_kwargs=True)
-            try:
-                with torch.no_grad(), counting_splices(monkeypatch) as handed:
-                    passed_down = model(**batch).logits
-            finally:
-                root_hook.remove()
+        with handle, torch.no_grad(), counting_splices(monkeypatch) as handed:
+            passed_down = model(**batch).logits
     finally:
         for hook in down:
             hook.remove()
-    assert states and states[-1] is not None, "the root must have carried the interposer's state"
+    assert states and states[-1] is not None, "the root must have built the interposer's state"
     assert len(handed) == len(sites)
     torch.testing.assert_close(passed_down, expected, rtol=0, atol=0)
 

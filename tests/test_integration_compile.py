@@ -67,7 +67,10 @@ def make_adapter(method: str, model: nn.Module) -> Attachment:
         tiny_lora.randomise(lora)
         return lora
     if method == "prompt":
-        prompt = attach_prompt(model, PromptTuningConfig(num_virtual_tokens=P, task_type="CAUSAL_LM"))
+        # PEFT's layout (the prompt in front of left padding): test_integration_precision compares with PEFT
+        prompt = attach_prompt(
+            model, PromptTuningConfig(num_virtual_tokens=P, task_type="CAUSAL_LM", virtual_token_placement="peft")
+        )
         return tiny_prompt.randomise_prompt(prompt)
     ia3 = attach_ia3(model, IA3Config(task_type="CAUSAL_LM"))
     tiny_ia3.randomise(ia3)

@@ -32,6 +32,7 @@ from prefix_hooks import (
     attention_interposer,
     supported,
 )
+from prefix_hooks import prefix as prefix_module
 from prefix_hooks.attachment import UndoStack
 from prefix_hooks.splice import SUPPORTED_IMPLEMENTATIONS
 
@@ -839,7 +840,7 @@ def _failing(error: type[BaseException]) -> Callable[..., Any]:
 
 
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
-@pytest.mark.parametrize("target", ["interposer", "last hook"])
+@pytest.mark.parametrize("target", ["interposer", "forward shadow"])
 def test_failure_midway_through_install_leaves_the_model_untouched(
     make_warm_model: Callable[..., PreTrainedModel], monkeypatch: pytest.MonkeyPatch, target: str,
     error: type[BaseException],
@@ -851,8 +852,8 @@ def test_failure_midway_through_install_leaves_the_model_untouched(
     handle = attach_prefix(model, prefix_config())
     if target == "interposer":  # after freezing and registering the encoder
         monkeypatch.setattr(attention_interposer, "acquire", _failing(error))
-    else:  # after everything but the final post-forward hook
-        monkeypatch.setattr(nn.Module, "register_forward_hook", _failing(error))
+    else:  # after everything but the base model's forward shadow
+        monkeypatch.setattr(prefix_module, "shadow_forward", _failing(error))
     with pytest.raises(error, match="injected failure"):
         handle.attach()
     monkeypatch.undo()

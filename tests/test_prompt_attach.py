@@ -49,7 +49,7 @@ def _oracle(model: PreTrainedModel, handle: PromptAttachment, batch: dict[str, t
 def test_mask_is_extended_not_shifted(family: str, attn: str) -> None:
     """Without P ones in front, transformers pads the short mask and hides the *last* P real tokens."""
     model = tiny_models.build_model(family, attn)
-    handle = _attached(model)
+    handle = _attached(model, virtual_token_placement="peft")  # the oracle's layout: [virtual][pads][tokens]
     batch = tiny_models.random_batch(BSZ, SEQ_LEN, seed=1, left_pad=[0, 2])
     expected = _oracle(model, handle, batch).logits[:, P:]
     with torch.no_grad():

@@ -47,9 +47,11 @@ SHORT_TEXT = "Sentiment"
 
 
 def _peft_kwargs(config: PromptTuningConfig | PromptEncoderConfig) -> dict[str, Any]:
-    """The fields of a resolved config that PEFT's config takes (ours adds keep_virtual_outputs)."""
+    """The fields of a resolved config that PEFT's config takes (ours adds keep_virtual_outputs and
+    virtual_token_placement)."""
     fields = config.to_dict()
     fields.pop("keep_virtual_outputs")
+    fields.pop("virtual_token_placement")
     return fields
 
 

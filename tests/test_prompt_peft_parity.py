@@ -108,7 +108,7 @@ def pair() -> Callable[..., tuple[PreTrainedModel, PromptAttachment, Any]]:
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_and_loss_equal_peft(pair: Callable[..., Any], family: str, method: str) -> None:
-    model, handle, peft_model = pair(family, method)
+    model, handle, peft_model = pair(family, method, virtual_token_placement="peft")  # left padding: PEFT's layout
     batch = _batch(family, _vocab(method))
     with torch.no_grad():
         expected = peft_model(**batch)
@@ -128,7 +128,7 @@ def test_logits_and_loss_equal_peft(pair: Callable[..., Any], family: str, metho
 @pytest.mark.parametrize("method", ("random", "lstm"))
 @pytest.mark.parametrize("family", ("llama", "gpt2"))
 def test_keep_virtual_outputs_gives_peft_shapes(pair: Callable[..., Any], family: str, method: str) -> None:
-    model, handle, peft_model = pair(family, method, keep_virtual_outputs=True)
+    model, handle, peft_model = pair(family, method, keep_virtual_outputs=True, virtual_token_placement="peft")
     batch = _batch(family, _vocab(method))
     with torch.no_grad():
         expected = peft_model(**batch, output_hidden_states=True)
@@ -150,7 +150,8 @@ def test_more_families_equal_peft(family: str) -> None:
     task_type = "SEQ_CLS" if family in tiny_prompt.ENCODERS else "CAUSAL_LM"
     task_type = "SEQ_2_SEQ_LM" if family in tiny_prompt.SEQ2SEQ else task_type
     model = tiny_prompt.build(family)
-    handle = randomise_prompt(attach_prompt(model, PromptTuningConfig(num_virtual_tokens=P)))
+    ours = PromptTuningConfig(num_virtual_tokens=P, virtual_token_placement="peft")  # padded rows: PEFT's layout
+    handle = randomise_prompt(attach_prompt(model, ours))
     peft_config = peft.PromptTuningConfig(num_virtual_tokens=P, task_type=task_type, num_transformer_submodules=1)
     peft_model = peft.get_peft_model(tiny_prompt.build(family), peft_config).eval()
     peft_model.prompt_encoder["default"].load_state_dict(handle.prompt_encoder.state_dict(), strict=True)

@@ -42,9 +42,11 @@ SEQ_LEN = 6
 CHILD = "prompt_hooks_default."
 FAMILIES = ("llama", "gpt2", "bert")
 METHODS: dict[str, Callable[[], PromptTuningConfig | PromptEncoderConfig]] = {
-    "prompt-tuning": lambda: PromptTuningConfig(num_virtual_tokens=P),
-    "p-tuning-mlp": lambda: PromptEncoderConfig(num_virtual_tokens=P, encoder_hidden_size=24),
-    "p-tuning-lstm": lambda: PromptEncoderConfig(num_virtual_tokens=P, encoder_reparameterization_type="LSTM"),
+    "prompt-tuning": lambda **more: PromptTuningConfig(num_virtual_tokens=P, **more),
+    "p-tuning-mlp": lambda **more: PromptEncoderConfig(num_virtual_tokens=P, encoder_hidden_size=24, **more),
+    "p-tuning-lstm": lambda **more: PromptEncoderConfig(
+        num_virtual_tokens=P, encoder_reparameterization_type="LSTM", **more
+    ),
 }
 # Dropout off, so train-mode forwards (checkpointing recomputes them) are deterministic.
 NO_DROPOUT: dict[str, dict[str, Any]] = {
@@ -76,9 +78,9 @@ def warm(model: nn.Module, family: str) -> None:
         model(**batch(family))
 
 
-def attach(model: nn.Module, method: str, seed: int = 1) -> PromptAttachment:
+def attach(model: nn.Module, method: str, seed: int = 1, **fields: Any) -> PromptAttachment:
     """A (not yet attached) prompt whose parameters are normal draws from ``seed``."""
-    handle = attach_prompt(model, METHODS[method]())
+    handle = attach_prompt(model, METHODS[method](**fields))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter in handle.prompt_encoder.parameters():
@@ -177,7 +179,7 @@ def test_adamw_steps_lower_the_loss_and_leave_the_base_untouched(family: str, me
 def test_adamw_training_follows_peft(family: str, method: str) -> None:
     """The same prompt, the same AdamW steps: the same losses as PEFT's training, step by step."""
     model = tiny_model(family)
-    handle = attach(model, method)
+    handle = attach(model, method, virtual_token_placement="peft")  # the batch is left-padded: PEFT's layout
     peft_model = peft.get_peft_model(tiny_model(family), peft_config(handle))
     peft_model.prompt_encoder["default"].load_state_dict(handle.prompt_encoder.state_dict())
     data = batch(family, seed=3)
@@ -191,6 +193,7 @@ def peft_config(handle: PromptAttachment) -> Any:
     """PEFT's config of the same (resolved) adapter, for a causal LM."""
     fields = handle.config.to_dict()
     fields.pop("keep_virtual_outputs")
+    fields.pop("virtual_token_placement")
     fields["task_type"] = "CAUSAL_LM"
     cls = peft.PromptTuningConfig if isinstance(handle.config, PromptTuningConfig) else peft.PromptEncoderConfig
     return cls(**fields)
@@ -340,7 +343,19 @@ def _raise(*args: Any, **kwargs: Any) -> Any:
     raise RuntimeError("injected failure")
 
 
-STEPS = ("freeze_parameters", "register_child", "root_pre_hook", "output_hook")
+STEPS = ("freeze_parameters", "register_child", "model_forward_shadow", "base_forward_shadow")
+
+
+def _raise_on_call(number: int, function: Callable[..., Any]) -> Callable[..., Any]:
+    """``function``, except that its ``number``-th call raises (before doing anything)."""
+    calls = itertools.count(1)
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if next(calls) == number:
+            raise RuntimeError("injected failure")
+        return function(*args, **kwargs)
+
+    return wrapper
 
 
 @contextlib.contextmanager
@@ -348,10 +363,10 @@ def failing_step(step: str, model: nn.Module) -> Iterator[None]:
     with pytest.MonkeyPatch.context() as patch:
         if step in ("freeze_parameters", "register_child"):
             patch.setattr(prompt_attachment, step, _raise_after(getattr(prompt_attachment, step)))
-        elif step == "root_pre_hook":  # after freezing and registering the module
-            patch.setattr(type(model), "register_forward_pre_hook", _raise)
-        else:  # the last step: after the root pre-hook
-            patch.setattr(type(model), "register_forward_hook", _raise)
+        elif step == "model_forward_shadow":  # after freezing and registering the module
+            patch.setattr(prompt_attachment, "shadow_forward", _raise_on_call(1, prompt_attachment.shadow_forward))
+        else:  # the last step: the base model's forward, after the model's
+            patch.setattr(prompt_attachment, "shadow_forward", _raise_on_call(2, prompt_attachment.shadow_forward))
         yield
 
 

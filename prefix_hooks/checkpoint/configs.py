@@ -234,6 +234,8 @@ def parse_config(data: Mapping[str, Any]) -> tuple[AdapterConfig, list[str]]:
                 f"under {EXTRA_CONFIG_KEY!r}"
             )
         kwargs[key] = value
+    if EXTRA_CONFIG_KEY not in data and "virtual_token_placement" in fields and "virtual_token_placement" not in data:
+        kwargs["virtual_token_placement"] = "peft"  # a prompt PEFT trained: its layout reproduces PEFT's outputs
     if unsupported:
         raise ValueError(
             f"this {data['peft_type']} config uses PEFT options that prefix_hooks does not implement: "

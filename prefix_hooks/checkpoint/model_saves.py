@@ -2,7 +2,8 @@
 
 Trainer saves a checkpoint by calling ``model.save_pretrained(checkpoint_dir, ...)``. While at
 least one adapter is attached, :func:`acquire` shadows that method on the model *instance*
-(an instance attribute, removed again by the last :func:`release`, the class untouched) with
+(an instance attribute, removed again when the model's last attachment detaches, the class
+untouched; a copy of the model gets its own, bound to the copy) with
 one that runs the model's own ``save_pretrained`` and then writes the attached adapters
 beside its files (:func:`~prefix_hooks.checkpoint.api.save_adapter`: ``adapter_config.json``
 and ``adapter_model.safetensors``, one subfolder per adapter when several are attached).
@@ -11,19 +12,17 @@ and ``adapter_model.safetensors``, one subfolder per adapter when several are at
 
 from __future__ import annotations
 
+import functools
 import threading
-import weakref
 from typing import Any
 
 from torch import nn
 
 from prefix_hooks.attachment import Attachment, UndoStack, attachments_of
+from prefix_hooks.shadows import MISSING, restore_attribute
 
 _NAME = "save_pretrained"
-_MISSING = object()
 _lock = threading.Lock()
-_users: weakref.WeakKeyDictionary[nn.Module, tuple[int, object]] = weakref.WeakKeyDictionary()
-"""model -> (attachments using the shadow, the instance attribute it shadowed or _MISSING)."""
 
 
 def top_level(model: nn.Module) -> list[Attachment]:
@@ -44,33 +43,43 @@ def _save_with_adapters(model: nn.Module, save_directory: Any, *args: Any, **kwa
     return result
 
 
+class SavePretrainedWithAdapters:
+    """``model.save_pretrained`` while adapters are attached (copied with the model, bound to the copy).
+
+    Attributes:
+        model: the model.
+        shadowed: the instance attribute it shadows (``MISSING``: none).
+    """
+
+    def __init__(self, model: nn.Module, shadowed: Any) -> None:
+        self.model = model
+        self.shadowed = shadowed
+
+    def __call__(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+        return _save_with_adapters(self.model, save_directory, *args, **kwargs)
+
+
 def acquire(model: nn.Module, undo: UndoStack) -> None:
-    """Shadow ``model.save_pretrained`` (refcounted per model) until the pushed undo runs.
+    """Shadow ``model.save_pretrained`` until the pushed undo of the last attachment of ``model`` runs.
 
     Models without a ``save_pretrained`` (plain ``nn.Module``) are left alone.
     """
     if not callable(getattr(type(model), _NAME, None)):
         return
     with _lock:
-        count, shadowed = _users.get(model, (0, _MISSING))
-        if count == 0:
-            shadowed = model.__dict__.get(_NAME, _MISSING)
+        current = model.__dict__.get(_NAME, MISSING)
+        if not isinstance(current, SavePretrainedWithAdapters):
             # assigning an existing key keeps the __dict__ order, so restoring it does too
-            model.__dict__[_NAME] = lambda save_directory, *args, **kwargs: _save_with_adapters(
-                model, save_directory, *args, **kwargs
-            )
-        _users[model] = (count + 1, shadowed)
-    undo.push(lambda: _release(model))
+            model.__dict__[_NAME] = SavePretrainedWithAdapters(model, current)
+    undo.push(functools.partial(_release, model))
 
 
 def _release(model: nn.Module) -> None:
+    """The undo of :func:`acquire`, run while the releasing attachment is still tracked: the shadow
+    goes when no other attachment of ``model`` remains (counted on the model, so a copy of the model
+    counts its own attachments)."""
     with _lock:
-        count, shadowed = _users[model]
-        if count > 1:
-            _users[model] = (count - 1, shadowed)
+        current = model.__dict__.get(_NAME)
+        if not isinstance(current, SavePretrainedWithAdapters) or len(attachments_of(model)) > 1:
             return
-        del _users[model]
-        if shadowed is _MISSING:
-            del model.__dict__[_NAME]
-        else:
-            model.__dict__[_NAME] = shadowed
+        restore_attribute(model, _NAME, current.shadowed)

@@ -15,16 +15,15 @@ from prefix_hooks.lora.config import LoraConfig
 ConfigT = TypeVar("ConfigT", LoraConfig, IA3Config)
 
 
-def loading_config(config: ConfigT, implied: tuple[str, ...], trainable: bool) -> ConfigT:
-    """``config`` as a loaded adapter uses it.
+def loading_config(config: ConfigT, trainable: bool) -> ConfigT:
+    """``config`` as a loaded adapter uses it: ``inference_mode`` becomes ``not trainable`` (PEFT's
+    ``is_trainable``).
 
-    ``inference_mode`` becomes ``not trainable`` (PEFT's ``is_trainable``). The task heads PEFT
-    writes into ``modules_to_save`` (``["classifier", "score"]`` for ``SEQ_CLS``: ``implied``) are
-    dropped from it: ``task_type`` still implies them, where a head the model lacks matches
-    nothing instead of failing, as when PEFT loads the same config.
+    Everything else stays as saved, ``modules_to_save`` included, so the adapter saves the same
+    config again. The task heads PEFT writes into ``modules_to_save`` (``["classifier", "score"]``
+    for ``SEQ_CLS``) may match nothing there (see ``select_modules_to_save``).
     """
-    names = [name for name in config.modules_to_save or [] if name not in implied]
-    return dataclasses.replace(config, inference_mode=not trainable, modules_to_save=names or None)
+    return dataclasses.replace(config, inference_mode=not trainable)
 
 
 def check_state_dict(given: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], what: str) -> None:

@@ -24,6 +24,7 @@ stacks take no ``position_ids``; the hook reads the offset of the running forwar
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -218,24 +219,26 @@ def _sites_by_stack(sites: Sequence[AttentionSite]) -> dict[nn.Module, list[Seq2
 def _position_shift(current_state: CurrentState, table: nn.Module) -> Any:
     """A pre-hook for a learned-position table called as ``(ids, cache_length=0, position_ids=None)``
     (``past_key_values_length`` before transformers 5.24): adds the running forward's offset to the
-    positions it looks up."""
+    positions it looks up. A partial, not a closure: a copy of the attached model rebinds it."""
     length_keyword = cache_length_keyword(forward_parameters(table))
     if length_keyword is None:
         raise ValueError(
             f"{type(table).__name__}.forward takes none of {CACHE_LENGTH_KEYWORDS}; cannot shift its positions"
         )
+    return functools.partial(_shift_positions, current_state, length_keyword)
 
-    def shift(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        state = current_state()
-        offset = state.position_offset if state is not None else 0
-        if not offset:
-            return None
-        if kwargs.get("position_ids") is not None:
-            kwargs["position_ids"] = kwargs["position_ids"] + offset  # (B|1, T) or (T,)
-        elif len(args) > 1:
-            args = (args[0], args[1] + offset, *args[2:])
-        else:
-            kwargs[length_keyword] = kwargs.get(length_keyword, 0) + offset
-        return args, kwargs
 
-    return shift
+def _shift_positions(
+    current_state: CurrentState, length_keyword: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    state = current_state()
+    offset = state.position_offset if state is not None else 0
+    if not offset:
+        return None
+    if kwargs.get("position_ids") is not None:
+        kwargs["position_ids"] = kwargs["position_ids"] + offset  # (B|1, T) or (T,)
+    elif len(args) > 1:
+        args = (args[0], args[1] + offset, *args[2:])
+    else:
+        kwargs[length_keyword] = kwargs.get(length_keyword, 0) + offset
+    return args, kwargs

@@ -5,7 +5,7 @@ An adapter answers five questions about a model:
 1. which modules are its attention layers, and which prefix slot (layer) each reads;
 2. how many key/value heads and what head size each produces;
 3. which module receives the inputs and passes ``**kwargs`` down to the attention function
-   (the *root*, where a pre-hook injects the per-forward prefix);
+   (the *root*, whose ``forward``, shadowed while attached, injects the per-forward prefix);
 4. how the prefix reaches the attention computation: through the attention-function
    registry (the default, nothing to install) or through per-module hooks
    (:meth:`ArchitectureAdapter.install_site_hooks`, for families that compute attention inline);
@@ -107,7 +107,7 @@ gradient-checkpointing recomputation during backward), ``None`` when disabled or
 
 
 class ForwardCall:
-    """The root module's call as a forward pre-hook sees it: read and replace arguments by name.
+    """The root module's call as its shadowed ``forward`` sees it: read and replace arguments by name.
 
     Args:
         params: the root ``forward``'s parameter names, in order.
@@ -207,7 +207,7 @@ class ArchitectureAdapter:
     def roots(self, model: nn.Module, sites: Sequence[AttentionSite]) -> list[nn.Module]:
         """The modules whose forward runs the ``sites``; each site is reached from exactly one.
 
-        A pre-hook on each root builds the per-forward prefix state (and shifts that root's
+        Each root's shadowed ``forward`` builds the per-forward prefix state (and shifts that root's
         positions). The default is :meth:`base_model`; encoder-decoders return each stack,
         because ``generate()`` runs the encoder on its own.
         """

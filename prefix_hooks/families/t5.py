@@ -16,6 +16,7 @@ Positions are relative, so ``position_offset`` changes nothing on T5.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -54,27 +55,30 @@ class T5Adapter(EncoderDecoderAdapter):
 
 
 def _bias_with_prefix(site: Seq2SeqSite, current_state: CurrentState) -> Any:
-    """A T5Attention pre-hook passing ``position_bias`` ``(1, H, T, P + S)`` where the model passes None."""
+    """A T5Attention pre-hook passing ``position_bias`` ``(1, H, T, P + S)`` where the model passes None.
+    A partial, not a closure: a copy of the attached model rebinds it."""
+    return functools.partial(_fill_bias, site, current_state)
+
+
+def _fill_bias(
+    site: Seq2SeqSite, current_state: CurrentState, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:  # module: a T5Attention
+    if kwargs.get("position_bias") is not None or current_state() is None:
+        return None  # a later layer (the bias already has the prefix columns) or no prefix now
     peft_positions = site.layout is EncoderDecoderLayout.PEFT and site.role == DECODER
-
-    def fill_bias(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:  # a T5Attention
-        if kwargs.get("position_bias") is not None or current_state() is None:
-            return None  # a later layer (the bias already has the prefix columns) or no prefix now
-        hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, d_model)
-        q_len = hidden.shape[1]
-        past, kv_len = _past_and_key_length(module, site.role, q_len, kwargs)
-        num_prefix = site.num_virtual_tokens
-        if not module.has_relative_attention_bias:
-            bias = torch.zeros(1, module.n_heads, q_len, num_prefix + kv_len, device=hidden.device, dtype=hidden.dtype)
-        elif peft_positions:  # prefix at positions 0..P-1, real tokens from P on
-            bias = module.compute_bias(q_len, num_prefix + kv_len, hidden.device, past_seen_tokens=past + num_prefix)
-        else:
-            real = module.compute_bias(q_len, kv_len, hidden.device, past_seen_tokens=past)  # (1, H, T, S)
-            bias = torch.cat([real.new_zeros(1, real.shape[1], q_len, num_prefix), real], dim=-1)  # (1, H, T, P + S)
-        kwargs["position_bias"] = bias  # (1, H, T, P + S)
-        return args, kwargs
-
-    return fill_bias
+    hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, d_model)
+    q_len = hidden.shape[1]
+    past, kv_len = _past_and_key_length(module, site.role, q_len, kwargs)
+    num_prefix = site.num_virtual_tokens
+    if not module.has_relative_attention_bias:
+        bias = torch.zeros(1, module.n_heads, q_len, num_prefix + kv_len, device=hidden.device, dtype=hidden.dtype)
+    elif peft_positions:  # prefix at positions 0..P-1, real tokens from P on
+        bias = module.compute_bias(q_len, num_prefix + kv_len, hidden.device, past_seen_tokens=past + num_prefix)
+    else:
+        real = module.compute_bias(q_len, kv_len, hidden.device, past_seen_tokens=past)  # (1, H, T, S)
+        bias = torch.cat([real.new_zeros(1, real.shape[1], q_len, num_prefix), real], dim=-1)  # (1, H, T, P + S)
+    kwargs["position_bias"] = bias  # (1, H, T, P + S)
+    return args, kwargs
 
 
 def _past_and_key_length(module: Any, role: str, q_len: int, kwargs: dict[str, Any]) -> tuple[int, int]:

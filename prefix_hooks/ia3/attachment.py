@@ -101,6 +101,7 @@ class IA3Attachment(Attachment):
         self._vectors = IA3Vectors([_vector_for(t, config.init_ia3_weights, trainable) for t in self.targets])
         self.modules_to_save_names = self.saved_modules.names
         self._merged = False
+        self._open_disabled = 0  # disabled() blocks open now, in every thread and task (guarded by scaling.lock)
 
     @property
     def child_name(self) -> str:
@@ -207,18 +208,26 @@ class IA3Attachment(Attachment):
     def disabled(self) -> Iterator[None]:
         """A context in which the model computes its base outputs.
 
-        The vectors are switched off per thread (as ``Attachment.disabled``); modules to save
-        run their originals instead of the copies model-wide (the wrapper has one switch).
+        The vectors and the modules to save are switched off in the current thread (and async
+        task) only (as ``Attachment.disabled``). A merged adapter cannot be left out of one
+        thread's forward, so the two exclude each other: this raises while the adapter is
+        merged, and :meth:`merge` raises while a ``disabled()`` block is open in any thread.
 
         Raises:
             RuntimeError: the adapter is merged (unmerge() first).
         """
-        if self._merged:
-            raise RuntimeError(
-                f"(IA)^3 adapter {self.adapter_name!r} is merged into the base weights; unmerge() before disabling it"
-            )
-        with self.saved_modules.disabled(), super().disabled():
-            yield
+        with scaling.lock:
+            if self._merged:
+                raise RuntimeError(
+                    f"(IA)^3 adapter {self.adapter_name!r} is merged into the base weights; unmerge() before disabling it"
+                )
+            self._open_disabled += 1
+        try:
+            with self.saved_modules.disabled(), super().disabled():
+                yield
+        finally:
+            with scaling.lock:
+                self._open_disabled -= 1
 
     # --- merging -----------------------------------------------------------------------------
     @property
@@ -234,8 +243,9 @@ class IA3Attachment(Attachment):
         back on :meth:`unmerge` or detach: bit-exact.
 
         Raises:
-            RuntimeError: not attached, inside :meth:`disabled`, or a target's weight is
-                currently holding a merged LoRA update.
+            RuntimeError: not attached, inside :meth:`disabled` in this or another thread / task
+                (a merged adapter always applies), or a target's weight is currently holding a
+                merged LoRA update.
         """
         with scaling.lock:
             if not self.is_attached:
@@ -244,6 +254,12 @@ class IA3Attachment(Attachment):
                 return
             if not self.is_enabled:
                 raise RuntimeError(f"(IA)^3 adapter {self.adapter_name!r} is disabled here; a merged adapter always applies")
+            if self._open_disabled:
+                raise RuntimeError(
+                    f"(IA)^3 adapter {self.adapter_name!r} is inside disabled() in {self._open_disabled} other thread(s) "
+                    "or task(s); merging would apply it there too (a merged adapter always applies): let those blocks "
+                    "end first"
+                )
             self._check_no_merged_lora()
             for target in self.targets:
                 found = scaling.scaling_of(target.module)

@@ -70,6 +70,7 @@ class ModuleScaling:
         # hot-path data, rebuilt by _refresh(): (attachment id, container, name) of unmerged entries
         self._outputs: tuple[tuple[int, nn.Module, str], ...] = ()
         self._inputs: tuple[tuple[int, nn.Module, str], ...] = ()
+        self._merged_keys: frozenset[int] = frozenset()  # attachments whose vector is in the weight
         self._output_hook: RemovableHandle | None = None
         self._input_hook: RemovableHandle | None = None
         self._original: tuple[torch.Tensor, torch.Tensor | None] | None = None  # (weight, bias) clones while merged
@@ -80,6 +81,8 @@ class ModuleScaling:
         if self._merged_trainable and module.training and torch.is_grad_enabled():
             self._refuse_training()
         disabled = _disabled.get()
+        if disabled and self._merged_keys and not self._merged_keys.isdisjoint(disabled):
+            self._refuse_disabled_merged()
         scale: torch.Tensor | None = None
         for key, holder, name in self._outputs:
             if key not in disabled:
@@ -94,6 +97,8 @@ class ModuleScaling:
         if self._merged_trainable and module.training and torch.is_grad_enabled():
             self._refuse_training()
         disabled = _disabled.get()
+        if disabled and self._merged_keys and not self._merged_keys.isdisjoint(disabled):
+            self._refuse_disabled_merged()
         scale: torch.Tensor | None = None
         for key, holder, name in self._inputs:
             if key not in disabled:
@@ -108,6 +113,13 @@ class ModuleScaling:
         x = args[0]
         scaled = x * scale  # (..., in), in the promoted dtype
         return (scaled if scaled.dtype is x.dtype else scaled.to(x.dtype), *args[1:])
+
+    def _refuse_disabled_merged(self) -> None:
+        raise RuntimeError(
+            f"an (IA)^3 vector is merged into this {type(self.module).__name__}'s weight but its adapter is disabled() "
+            "in this thread / task (a task created inside the block keeps it switched off); unmerge() it, or run "
+            "this forward outside the disabled() context"
+        )
 
     def _refuse_training(self) -> None:
         raise RuntimeError(
@@ -137,6 +149,7 @@ class ModuleScaling:
     def _refresh(self) -> None:
         live = [entry for entry in self.entries if not entry.merged]
         self._merged_trainable = any(e.merged and e.vector.requires_grad for e in self.entries)
+        self._merged_keys = frozenset(e.key for e in self.entries if e.merged)
         self._outputs = tuple((e.key, e.holder, e.name) for e in live if not e.feedforward)
         self._inputs = tuple((e.key, e.holder, e.name) for e in live if e.feedforward)
         wants_output = any(not e.feedforward for e in self.entries)

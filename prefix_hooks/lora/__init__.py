@@ -9,4 +9,5 @@ from prefix_hooks.lora.config import LoraConfig
 from prefix_hooks.lora.layers import LoraConv1D, LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear, wrap_module
 from prefix_hooks.lora.modules_to_save import ModulesToSaveWrapper
 from prefix_hooks.lora.rows import BASE_ROW, adapter_rows_context, current_adapter_rows
+from prefix_hooks.lora.switch import Switch
 from prefix_hooks.lora.targets import DEFAULT_TARGET_MODULES, select_modules_to_save, select_targets

@@ -35,6 +35,7 @@ from prefix_hooks.lora.config import LoraConfig
 from prefix_hooks.lora.layers import LoraLayer, wrap_module
 from prefix_hooks.lora.modules_to_save import ModulesToSaveWrapper
 from prefix_hooks.lora.rows import adapter_rows_context
+from prefix_hooks.lora.switch import Switch
 from prefix_hooks.lora.targets import select_modules_to_save, select_targets, task_modules_to_save
 
 
@@ -98,6 +99,7 @@ class LoraAttachment(Attachment):
                         "a module to save while they are attached"
                     )
         trainable = not config.inference_mode
+        self._switch = Switch()  # what disabled() turns off in one thread / task; the layers and wrappers hold it
         self._targets = [self._build_target(_Place.of(name, modules[name])) for name in names]
         self._saved: list[tuple[_Place, nn.Module]] = []
         self._biases: list[nn.Parameter] = []  # base biases trained while attached (bias="all"/"lora_only")
@@ -111,10 +113,11 @@ class LoraAttachment(Attachment):
         self.target_names = names
         self.modules_to_save_names = saved
         self._merged = False
-        self._disabled_depth = 0
+        self._open_disabled = 0  # disabled() blocks open now, in every thread and task (guarded by swaps.lock)
 
     def _build_target(self, place: _Place) -> _Target:
         home = wrap_module(place.original)
+        home.switches[self.adapter_name] = self._switch
         rank, alpha = self.config.rank_and_alpha(place.name)
         home.add_adapter(
             self.adapter_name,
@@ -231,21 +234,18 @@ class LoraAttachment(Attachment):
             )
             undo.push(_bound(state.release_swap, place.name, name))
             assert isinstance(wrapper, ModulesToSaveWrapper)
-            wrapper.add_copy(name, duplicate)
+            wrapper.add_copy(name, duplicate, switch=self._switch)
             undo.push(_bound(wrapper.remove_copy, name))
             swaps.match_training(wrapper, place.original)
         self._biases = self._trainable_biases()
         undo.push(self._biases.clear)
         state.make_trainable(self._biases, undo)
         state.active.append(name)
-        if self._disabled_depth:  # attached inside its own disabled() block
-            state.disabled[name] = self._disabled_depth
 
         def leave_active() -> None:
             with swaps.lock:
                 if name in state.active:
                     state.active.remove(name)
-                state.disabled.pop(name, None)
                 state.refresh()
 
         undo.push(leave_active)
@@ -302,37 +302,46 @@ class LoraAttachment(Attachment):
     def disabled(self) -> Iterator[None]:
         """A context in which this adapter adds nothing: the model computes what it would without it.
 
-        Unlike a prefix, LoRA's switch is model-wide (it changes the layers' active adapters),
-        so forwards running in other threads on the same model see it too. Per-row selection
-        (``adapter_names``) still applies an adapter a row names.
+        The switch is local to the current thread (and async task), as a prefix's: forwards
+        running elsewhere on the same model keep the adapter, its modules-to-save copies
+        included. Per-row selection (``adapter_names``) still applies an adapter a row names.
+        A merged adapter cannot be left out of one thread's forward, so the two exclude each
+        other: this raises while the adapter is merged, and :meth:`merge` raises while a
+        ``disabled()`` block is open in any thread.
 
         Raises:
             RuntimeError: the adapter is merged (call :meth:`unmerge` first).
+
+        Example:
+            >>> with handle.disabled():        # this thread only
+            ...     base_logits = model(**batch).logits
         """
         with swaps.lock:
             if self._merged:
                 raise RuntimeError(
                     f"LoRA adapter {self.adapter_name!r} is merged into the base weights; unmerge() before disabling it"
                 )
-            self._disabled_depth += 1
-            state = swaps.state_of(self.model) if self.is_attached else None
-            if state is not None:
-                state.disabled[self.adapter_name] = state.disabled.get(self.adapter_name, 0) + 1
-                state.refresh()
+            self._open_disabled += 1
         try:
-            yield
+            with self._switch.off(), super().disabled():  # super(): is_enabled
+                yield
         finally:
             with swaps.lock:
-                self._disabled_depth -= 1
-                state = swaps.state_of(self.model) if self.is_attached else None
-                if state is not None and state.disabled.get(self.adapter_name):
-                    state.disabled[self.adapter_name] -= 1
-                    state.refresh()
+                self._open_disabled -= 1
 
-    @property
-    def is_enabled(self) -> bool:
-        """False inside :meth:`disabled`."""
-        return self._disabled_depth == 0
+    def _check_not_disabled_anywhere(self, action: str) -> None:
+        """Raise if a ``disabled()`` block of this adapter is open: ``action`` would change the weights its
+        forwards use. Call with ``swaps.lock`` held."""
+        if not self.is_enabled:
+            raise RuntimeError(
+                f"LoRA adapter {self.adapter_name!r} is disabled here (inside its disabled() block); cannot "
+                f"{action}, which would apply it"
+            )
+        if self._open_disabled:
+            raise RuntimeError(
+                f"LoRA adapter {self.adapter_name!r} is inside disabled() in {self._open_disabled} other thread(s) or "
+                f"task(s); cannot {action}, which would apply it there too: let those blocks end first"
+            )
 
     # --- merging -----------------------------------------------------------------------------
     @property
@@ -347,8 +356,9 @@ class LoraAttachment(Attachment):
         as copies. Per-row selection is refused while merged.
 
         Raises:
-            RuntimeError: not attached, the adapter is not active or disabled (a merged
-                adapter always applies), or a target's weight holds a merged (IA)^3 vector.
+            RuntimeError: not attached, the adapter is not active, a ``disabled()`` block of it
+                is open in this or another thread / task (a merged adapter always applies), or
+                a target's weight holds a merged (IA)^3 vector.
         """
         with swaps.lock:
             layers = self._layers()
@@ -356,11 +366,12 @@ class LoraAttachment(Attachment):
             assert state is not None
             if self._merged:
                 return
-            if self.adapter_name not in state.effective_active():
+            if self.adapter_name not in state.active:
                 raise RuntimeError(
-                    f"LoRA adapter {self.adapter_name!r} is not active (active: {state.effective_active()}); "
+                    f"LoRA adapter {self.adapter_name!r} is not active (active: {state.active}); "
                     "a merged adapter always applies, so activate it before merging"
                 )
+            self._check_not_disabled_anywhere("merge it")
             self._check_no_merged_ia3(layers)
             for layer in layers:
                 layer.merge([self.adapter_name])
@@ -403,7 +414,8 @@ class LoraAttachment(Attachment):
         original ones. Call it outside ``with handle:`` blocks (the handle ends detached).
 
         Raises:
-            RuntimeError: attached more than once (nested), or not attached and attaching fails.
+            RuntimeError: attached more than once (nested), a ``disabled()`` block of it is open
+                (in any thread / task), or not attached and attaching fails.
         """
         with self._lock:
             if self._depth > 1:
@@ -411,6 +423,8 @@ class LoraAttachment(Attachment):
                     f"bake() detaches LoRA adapter {self.adapter_name!r}, which is attached {self._depth} times "
                     "(nested blocks); call it where the adapter is attached once"
                 )
+            with swaps.lock:
+                self._check_not_disabled_anywhere("bake it")
             if not self.is_attached:
                 self.attach()
             self.unmerge()
@@ -485,7 +499,8 @@ def set_active_adapters(model: nn.Module, names: Sequence[str]) -> None:
 
 
 def active_adapters(model: nn.Module) -> list[str]:
-    """The active LoRA adapters of ``model`` (those not inside a ``disabled()`` block), in order."""
+    """The active LoRA adapters of ``model`` that run in this thread / task (not inside their
+    ``disabled()`` block here), in order."""
     with swaps.lock:
         state = swaps.state_of(model)
         return state.effective_active() if state is not None else []

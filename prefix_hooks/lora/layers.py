@@ -30,6 +30,7 @@ from transformers.pytorch_utils import Conv1D
 
 from prefix_hooks.devices import offload_aware_device
 from prefix_hooks.lora.rows import BASE_ROW, current_adapter_rows
+from prefix_hooks.lora.switch import Switch, switched_off
 
 InitLoraWeights = bool | Literal["gaussian"]
 """``True``: A Kaiming-uniform, B zero; ``"gaussian"``: A normal(std=1/r), B zero; ``False``: both random.
@@ -58,8 +59,11 @@ class LoraLayer(nn.Module):
         r, lora_alpha, scaling: adapter name -> rank, alpha, ``alpha / r`` (or ``/ sqrt(r)``).
         active_adapters: the adapters added to the output (default: every added adapter,
             in the order they were added).
-        disabled: when True the forward is exactly ``base_layer(x)`` (merged adapters are
-            unmerged first, as PEFT does).
+        switches: adapter name -> its handle's :class:`~prefix_hooks.lora.switch.Switch`, which
+            ``disabled()`` turns off in one thread / async task; an adapter without one is
+            never switched off that way.
+        disabled: when True the forward is exactly ``base_layer(x)`` in every thread (merged
+            adapters are unmerged first, as PEFT does).
         merged_adapters: adapters currently folded into ``base_layer.weight``.
 
     Attributes this class does not define (``weight``, ``bias``, ``in_features``,
@@ -84,6 +88,7 @@ class LoraLayer(nn.Module):
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.active_adapters: list[str] = []
+        self.switches: dict[str, Switch] = {}
         self.disabled = False
         self.merged_adapters: list[str] = []
         # clone of base_layer.weight taken before the first merge; copied back by unmerge()
@@ -166,6 +171,7 @@ class LoraLayer(nn.Module):
         self._delete_factors(name)
         del self.lora_dropout[name]
         del self.r[name], self.lora_alpha[name], self.scaling[name]
+        self.switches.pop(name, None)
         if name in self.active_adapters:
             self.active_adapters.remove(name)
 
@@ -196,13 +202,16 @@ class LoraLayer(nn.Module):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """``base_layer(x, *args, **kwargs)`` plus the active, unmerged adapters' updates.
 
-        Under :func:`prefix_hooks.lora.rows.adapter_rows_context` row ``b`` (dim 0 of ``x``)
-        gets only the adapter named ``rows[b]`` (whether active or not; ``"__base__"`` or an
-        adapter this layer does not hold: none).
+        An adapter whose handle's ``disabled()`` block is open in the calling thread (or async
+        task) adds nothing there; forwards elsewhere keep it (see :attr:`switches`). Under
+        :func:`prefix_hooks.lora.rows.adapter_rows_context` row ``b`` (dim 0 of ``x``) gets only
+        the adapter named ``rows[b]``, active, disabled or neither (``"__base__"`` or an adapter
+        this layer does not hold: none).
 
         Raises:
             ValueError: per-row names whose length is not ``x.shape[0]``, or per-row names
                 while an adapter is merged.
+            RuntimeError: a merged adapter is switched off in this thread / task.
         """
         rows = current_adapter_rows()
         if self.disabled:
@@ -213,12 +222,34 @@ class LoraLayer(nn.Module):
             return self._mixed_rows_forward(rows, x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         names = [name for name in self.active_adapters if name not in self.merged_adapters]
+        off = switched_off()
+        if off:  # some handle's disabled() block is open in this thread / task
+            names = self._switched_on(names, off)
         if not names:
             return result
         out_dtype = result.dtype
         for name in names:
             result = result + self._adapter_output(name, x)  # promotes to float32
         return result.to(out_dtype)
+
+    def _switched_on(self, names: list[str], off: frozenset[int]) -> list[str]:
+        """``names`` without the adapters whose switch is ``off`` (ids) in this thread / task.
+
+        Raises:
+            RuntimeError: a merged adapter is switched off here. Its delta is in the weight, so
+                the forward cannot leave it out (a task created inside ``disabled()`` keeps
+                the switch after the block, and the adapter was merged since).
+        """
+        switches = self.switches
+        off_here = {name for name, switch in switches.items() if id(switch) in off}
+        merged = [name for name in self.merged_adapters if name in off_here]
+        if merged:
+            raise RuntimeError(
+                f"LoRA adapters {merged} are merged into the weight of this {type(self.base_layer).__name__} but "
+                "disabled() in this thread / task (a task created inside the block keeps it switched off); "
+                "unmerge() them, or run this forward outside the disabled() context"
+            )
+        return [name for name in names if name not in off_here]
 
     def _mixed_rows_forward(self, rows: tuple[str, ...], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if len(rows) != x.shape[0]:

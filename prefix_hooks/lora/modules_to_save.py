@@ -4,8 +4,9 @@ A :class:`ModulesToSaveWrapper` takes the place of one module of the model (a fr
 initialised classification head, say) while LoRA adapters are attached. It keeps the
 original module, untouched, as ``original_module`` and one trainable copy per adapter as
 ``modules_to_save.<adapter>`` (PEFT's names, so PEFT checkpoints load by key). The
-forward runs the copy of the active adapter, else the original; under a per-row
-selection (:mod:`prefix_hooks.lora.rows`) each row runs its adapter's copy.
+forward runs the copy of the active adapter, else the original; an adapter whose handle's
+``disabled()`` block is open in the calling thread (or async task) runs the original there
+only; under a per-row selection (:mod:`prefix_hooks.lora.rows`) each row runs its adapter's copy.
 
 The copies belong to the :class:`~prefix_hooks.lora.attachment.LoraAttachment` that made
 them (they survive detach and re-attach); the wrapper only borrows them while attached.
@@ -19,8 +20,9 @@ import torch
 from torch import nn
 
 from prefix_hooks.lora.rows import BASE_ROW, current_adapter_rows
+from prefix_hooks.lora.switch import Switch, switched_off
 
-_OWN_ATTRIBUTES = frozenset({"original_module", "modules_to_save", "active_adapters"})
+_OWN_ATTRIBUTES = frozenset({"original_module", "modules_to_save", "active_adapters", "switches"})
 
 
 class ModulesToSaveWrapper(nn.Module):
@@ -29,7 +31,9 @@ class ModulesToSaveWrapper(nn.Module):
     Attributes:
         original_module: the module it replaced (the very same object, never modified).
         modules_to_save: adapter name -> that adapter's copy of the module.
-        active_adapters: adapters whose copy may run (at most one at a time).
+        active_adapters: adapters whose copy may run (at most one at a time in a thread).
+        switches: adapter name -> its owner's :class:`~prefix_hooks.lora.switch.Switch`, which
+            the owner's ``disabled()`` turns off in one thread / async task.
     """
 
     def __init__(self, original_module: nn.Module) -> None:
@@ -37,16 +41,23 @@ class ModulesToSaveWrapper(nn.Module):
         self.original_module = original_module
         self.modules_to_save = nn.ModuleDict()
         self.active_adapters: list[str] = []
+        self.switches: dict[str, Switch] = {}
 
-    def add_copy(self, adapter_name: str, copy: nn.Module) -> None:
-        """Lend ``copy`` to the wrapper as ``adapter_name``'s module (not active until :meth:`set_active`)."""
+    def add_copy(self, adapter_name: str, copy: nn.Module, switch: Switch | None = None) -> None:
+        """Lend ``copy`` to the wrapper as ``adapter_name``'s module (not active until :meth:`set_active`).
+
+        ``switch``: the owner's switch; while it is off in a thread, that thread runs the original.
+        """
         if adapter_name in self.modules_to_save:
             raise ValueError(f"{adapter_name!r} already has a copy of this module")
         self.modules_to_save[adapter_name] = copy
+        if switch is not None:
+            self.switches[adapter_name] = switch
 
     def remove_copy(self, adapter_name: str) -> None:
         """Take ``adapter_name``'s copy back (the copy itself is not changed)."""
         del self.modules_to_save[adapter_name]
+        self.switches.pop(adapter_name, None)
         if adapter_name in self.active_adapters:
             self.active_adapters.remove(adapter_name)
 
@@ -59,18 +70,28 @@ class ModulesToSaveWrapper(nn.Module):
         """The adapters holding a copy, in the order they were added."""
         return tuple(self.modules_to_save)
 
+    def running_adapters(self) -> list[str]:
+        """The active adapters not switched off in the calling thread / async task."""
+        active = self.active_adapters
+        off = switched_off()
+        if not off or not active:
+            return active
+        switches = self.switches
+        return [name for name in active if name not in switches or id(switches[name]) not in off]
+
     def current_module(self) -> nn.Module:
-        """The module a forward without per-row selection runs: the active adapter's copy or the original.
+        """The module a forward without per-row selection runs here: the running adapter's copy or the original.
 
         Raises:
-            RuntimeError: several active adapters have a copy (which one is meant is unclear).
+            RuntimeError: several running adapters have a copy (which one is meant is unclear).
         """
-        if len(self.active_adapters) > 1:
+        running = self.running_adapters()
+        if len(running) > 1:
             raise RuntimeError(
-                f"adapters {self.active_adapters} each have a trainable copy of this module and are all active; "
+                f"adapters {running} each have a trainable copy of this module and are all active; "
                 "activate one of them (handle.activate()) or disable the others"
             )
-        return self.modules_to_save[self.active_adapters[0]] if self.active_adapters else self.original_module
+        return self.modules_to_save[running[0]] if running else self.original_module
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         rows = current_adapter_rows()
@@ -105,6 +126,6 @@ class ModulesToSaveWrapper(nn.Module):
             if name in _OWN_ATTRIBUTES or name.startswith("__"):
                 raise
         modules = self.__dict__["_modules"]
-        active = self.__dict__.get("active_adapters", ())
-        target = modules["modules_to_save"][active[0]] if len(active) == 1 else modules["original_module"]
+        running = self.running_adapters() if "switches" in self.__dict__ else ()
+        target = modules["modules_to_save"][running[0]] if len(running) == 1 else modules["original_module"]
         return getattr(target, name)

@@ -64,8 +64,9 @@ class ModelSwaps:
     Attributes:
         swaps: qualified module name -> its swap.
         adapters: the attached LoRA adapters by name (attachment objects).
-        active: the adapters the user wants active, in order (default: every attached one).
-        disabled: adapter name -> depth of its ``disabled()`` blocks.
+        active: the adapters the user wants active, in order (default: every attached one);
+            model-wide. A handle's ``disabled()`` switches its adapter off on top of this, in
+            one thread / async task only (the layers read the switch at each forward).
         trainable: ``id(parameter)`` -> (parameter, number of adapters that made it trainable).
         undo: the model-level mutations of the first user (freeze, root hooks).
     """
@@ -73,7 +74,6 @@ class ModelSwaps:
     swaps: dict[str, Swap] = field(default_factory=dict)
     adapters: dict[str, Any] = field(default_factory=dict)
     active: list[str] = field(default_factory=list)
-    disabled: dict[str, int] = field(default_factory=dict)
     trainable: dict[int, tuple[nn.Parameter, int]] = field(default_factory=dict)
     undo: UndoStack = field(default_factory=UndoStack)
 
@@ -100,15 +100,14 @@ class ModelSwaps:
             del self.swaps[name]
 
     def effective_active(self) -> list[str]:
-        """The active adapters that are not inside a ``disabled()`` block."""
-        return [name for name in self.active if not self.disabled.get(name)]
+        """The active adapters not switched off by their handle's ``disabled()`` in this thread / task."""
+        return [name for name in self.active if self.adapters[name].is_enabled]
 
     def refresh(self) -> None:
         """Give every swapped layer and wrapper the active adapters it holds."""
-        running = self.effective_active()
         for swap in self.swaps.values():
             held = swap.replacement.adapter_names
-            wanted = [name for name in running if name in held]
+            wanted = [name for name in self.active if name in held]
             if swap.replacement.active_adapters != wanted:
                 # in place: the list object of a layer other adapters keep using stays the same
                 swap.replacement.active_adapters[:] = wanted

@@ -305,13 +305,17 @@ def select_modules_to_save(model: nn.Module, names: Iterable[str], *, optional: 
     an already selected module are left out (its copy contains them).
 
     Args:
-        names: names the user asked for; each must match a module.
+        names: names the user asked for; each must match a module unless it is also in
+            ``optional``: PEFT writes the task heads into a saved config's ``modules_to_save``
+            (``["classifier", "score"]`` for ``SEQ_CLS``), and there ``score`` matches nothing
+            on a bert model, as when PEFT loads that config.
         optional: names that may match nothing, e.g. :func:`task_modules_to_save`.
 
     Raises:
-        ValueError: an entry of ``names`` matches no module.
+        ValueError: an entry of ``names`` that is not in ``optional`` matches no module.
     """
-    required = list(dict.fromkeys(names))
+    optional = list(optional)
+    required = [name for name in dict.fromkeys(names) if name not in optional]
     wanted = list(dict.fromkeys([*required, *optional]))
     candidates = [name for name, _module in _candidates(model)]
     selected: list[str] = []

@@ -6,14 +6,21 @@ this order (each step undone on detach, in reverse):
 1. every base parameter is frozen (flags recorded);
 2. the prompt module is registered under the model as ``prompt_hooks_<adapter>`` (so
    ``model.parameters()`` and Trainer's optimizer see it);
-3. a forward pre-hook on the *prompt root* (the model itself; the encoder of an
-   encoder-decoder) replaces ``input_ids`` by ``inputs_embeds = cat(prompt, embed(input_ids))``
-   and makes room for the virtual tokens in ``attention_mask`` (ones), ``position_ids``
-   (``0..P-1``, real ones ``+ P``), ``token_type_ids`` (zeros) and per-token ``labels`` (-100);
-4. a forward hook on the model removes the virtual positions from per-token outputs (unless
-   ``keep_virtual_outputs``) and remembers the cache objects that hold the virtual tokens;
-5. for an encoder-decoder, a pre-hook on the decoder extends the cross-attention mask when the
-   encoder output carries the virtual tokens.
+3. the ``forward`` of every module that takes the token inputs is shadowed by an instance
+   attribute (:mod:`prefix_hooks.shadows`), so the prompt goes in however the model is invoked
+   (``model(...)``, ``model.forward(...)``, ``model.model(...)`` / ``model.bert(...)`` and their
+   ``forward``; sentence-transformers calls ``forward`` directly, which skips forward hooks).
+   Those modules are the model and the modules under it that own the same token embedding
+   (``model.model``, ``model.bert``, ``model.transformer``; OPT's ``model.model.decoder``), or the
+   encoder stack of an encoder-decoder. The outermost one called does the work, once: it replaces
+   ``input_ids`` by ``inputs_embeds = cat(prompt, embed(input_ids))`` and makes room for the
+   virtual tokens in ``attention_mask`` (ones), ``position_ids`` (``0..P-1``, real ones ``+ P``),
+   ``token_type_ids`` (zeros) and, on the model itself, per-token ``labels`` (-100); the ones it
+   calls pass their call through. After the call it removes the virtual positions from per-token
+   outputs (unless ``keep_virtual_outputs``; an encoder's output keeps them for the decoder) and
+   remembers the cache objects that hold the virtual tokens;
+4. for an encoder-decoder, the decoder stack's ``forward`` is shadowed too: it extends the
+   cross-attention mask when the encoder output carries the virtual tokens.
 
 Generation needs nothing special: ``generate()`` calls the model with the real tokens only.
 The first call (no cache, or an empty one) prepends the prompt; a later call with a cache that
@@ -28,7 +35,7 @@ import functools
 import inspect
 import os
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -38,11 +45,12 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 from prefix_hooks import parameter_versions
-from prefix_hooks.attachment import Attachment, UndoStack, attachments_of, freeze_parameters, register_child
+from prefix_hooks.attachment import Attachment, Hold, UndoStack, attachments_of, freeze_parameters, register_child
 from prefix_hooks.config import TaskType
 from prefix_hooks.devices import compute_device
 from prefix_hooks.families.base import ForwardCall
 from prefix_hooks.prefix import PrefixAttachment
+from prefix_hooks.prompt.cache import PromptCacheView, real_cache
 from prefix_hooks.prompt.config import PromptEncoderConfig, PromptTuningConfig
 from prefix_hooks.prompt.inputs import (
     IGNORE_INDEX,
@@ -50,7 +58,9 @@ from prefix_hooks.prompt.inputs import (
     prepend_mask,
     prepend_positions,
     prepend_prompt,
+    question_answering_loss,
     trim_virtual_outputs,
+    virtual_offsets,
 )
 from prefix_hooks.prompt.modules import (
     PromptEmbedding,
@@ -60,31 +70,42 @@ from prefix_hooks.prompt.modules import (
     token_embeddings,
 )
 from prefix_hooks.saved_modules import SavedModules, task_heads
+from prefix_hooks.shadows import shadow_attribute, shadow_forward
 from prefix_hooks.transformers_compat import find_cache, output_cache, require_known_cache_parameter
 
 _PER_TOKEN_TASKS = frozenset({TaskType.CAUSAL_LM, TaskType.TOKEN_CLS})
 _PER_TOKEN_CLASS_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForTokenClassification", "ForMaskedLM")
 
 
+_MODEL, _BASE, _ENCODER, _DECODER = "model", "base", "encoder", "decoder"
+
+
 @dataclass(frozen=True)
 class _Root:
-    """A module whose forward gets a pre-hook, with its ``forward`` parameter names."""
+    """A module whose ``forward`` is shadowed, with its ``forward`` parameter names and its role:
+    ``"model"`` (the model itself: labels too), ``"base"`` (a module under it that embeds the same
+    tokens), ``"encoder"`` (an encoder-decoder's encoder stack), ``"decoder"`` (its decoder stack)."""
 
     module: nn.Module
     params: list[str]
+    role: str
 
     @classmethod
-    def of(cls, module: nn.Module) -> _Root:
-        return cls(module, list(inspect.signature(module.forward).parameters))
+    def of(cls, module: nn.Module, role: str) -> _Root:
+        return cls(module, list(inspect.signature(module.forward).parameters), role)
 
 
 @dataclass(frozen=True)
 class _Prepended:
-    """What the prompt root's pre-hook did to the current call: ``length`` real tokens got the
-    prompt in front; ``to_tuple``: the caller asked for a tuple (``return_dict=False``)."""
+    """What a token module's shadowed forward did to its call: ``length`` real tokens got the
+    prompt at ``offsets`` (``None``: in front; see ``prompt.inputs``), or continued a cache
+    holding it; ``to_tuple``: the caller asked for a tuple (``return_dict=False``); ``answer``:
+    the start/end positions whose loss is computed on the real positions' logits."""
 
     length: int
     to_tuple: bool
+    offsets: torch.Tensor | None = None
+    answer: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def _model_type(model: nn.Module) -> str:
@@ -117,6 +138,25 @@ def _prompt_root(model: nn.Module) -> nn.Module:
     return root
 
 
+def _base_stacks(model: nn.Module, embedding: nn.Module) -> list[nn.Module]:
+    """The modules under ``model`` that own its token ``embedding`` and take the token inputs
+    (``input_ids``, ``inputs_embeds``, ``attention_mask``): ``model.model``, ``model.bert``,
+    ``model.transformer``, OPT's ``model.model.decoder``, outermost first."""
+    found = []
+    for module in model.modules():
+        get_input_embeddings = getattr(module, "get_input_embeddings", None)
+        if module is model or not callable(get_input_embeddings):
+            continue
+        try:
+            owned = get_input_embeddings()
+        except (NotImplementedError, AttributeError):
+            continue
+        params = inspect.signature(module.forward).parameters
+        if owned is embedding and all(name in params for name in ("input_ids", "inputs_embeds", "attention_mask")):
+            found.append(module)
+    return found
+
+
 def _labels_per_token(model: nn.Module, config: PromptTuningConfig | PromptEncoderConfig) -> bool:
     """Whether ``labels`` has one entry per input token (causal LM, token classification, masked LM)."""
     if config.task_type is not None:
@@ -139,9 +179,6 @@ def _pools_last_position(model: nn.Module) -> bool:
     )
 
 
-_MISSING = object()
-
-
 def _report_mean_loss_to_trainer(model: nn.Module, undo: UndoStack) -> None:
     """Make a ``Trainer`` built while attached use the model's mean loss (``accepts_loss_kwargs =
     False`` on the instance, removed again by ``undo``).
@@ -151,16 +188,7 @@ def _report_mean_loss_to_trainer(model: nn.Module, undo: UndoStack) -> None:
     token from the last virtual one, so the summed loss divided by that count is ``L / (L - 1)``
     too large (PEFT's Trainer losses are). Trainer then averages micro-batch losses itself.
     """
-    previous = vars(model).get("accepts_loss_kwargs", _MISSING)
-    vars(model)["accepts_loss_kwargs"] = False
-
-    def restore() -> None:
-        if previous is _MISSING:
-            vars(model).pop("accepts_loss_kwargs", None)
-        else:
-            vars(model)["accepts_loss_kwargs"] = previous
-
-    undo.push(restore)
+    shadow_attribute(model, "accepts_loss_kwargs", False, undo)
 
 
 def _filled_cache(cache: object, keyword: str | None) -> Cache | None:
@@ -191,6 +219,8 @@ class PromptAttachment(Attachment):
             ``SEQ_CLS`` / ``TOKEN_CLS`` / ``QUESTION_ANS``), swapped in while attached.
     """
 
+    _transient_attributes = ("_caches",)
+
     def __init__(
         self, model: nn.Module, config: PromptTuningConfig | PromptEncoderConfig, adapter_name: str = "default"
     ) -> None:
@@ -214,14 +244,19 @@ class PromptAttachment(Attachment):
             trainable=not self.config.inference_mode,
         )
         self._encoder_decoder = root is not model
-        self._prompt_root = _Root.of(root)
-        self._decoder = _Root.of(model.get_decoder()) if self._encoder_decoder else None  # type: ignore[operator]
+        if self._encoder_decoder:
+            self._token_roots = [_Root.of(root, _ENCODER)]
+        else:
+            bases = _base_stacks(model, word_embeddings)
+            self._token_roots = [_Root.of(model, _MODEL), *(_Root.of(base, _BASE) for base in bases)]
+        self._decoder = _Root.of(model.get_decoder(), _DECODER) if self._encoder_decoder else None  # type: ignore[operator]
         self._labels_per_token = _labels_per_token(model, self.config)
         self._shifts_labels = self._labels_per_token and _predicts_next_token(model, self.config)
         self._pools_last_position = _pools_last_position(model) and not self._encoder_decoder
         self._child_name = f"prompt_hooks_{adapter_name}"
-        # what the prompt root's pre-hook did to the forward running in this thread / task
-        self._prepended: ContextVar[_Prepended | None] = ContextVar(f"prompt_hooks_{adapter_name}", default=None)
+        # True while a token module's shadowed forward runs in this thread / task: the token
+        # modules it calls (model -> model.model) pass their call through, so the prompt goes in once
+        self._inside: ContextVar[bool | None] = ContextVar(f"prompt_hooks_{adapter_name}", default=None)
         # caches whose first P positions are this prompt's virtual tokens
         self._caches: weakref.WeakSet[Cache] = weakref.WeakSet()
 
@@ -249,28 +284,26 @@ class PromptAttachment(Attachment):
         self.saved_modules.check_can_attach()
 
     def _install(self, undo: UndoStack) -> None:
-        undo.push(self._caches.clear)
+        undo.push(self._forget_caches)
         if isinstance(self.prompt_encoder, PromptEncoder):
             self.prompt_encoder.forget()  # steps taken while detached are not counted
-        parameter_versions.acquire()
-        undo.push(parameter_versions.release)
+        undo.push(Hold(parameter_versions.acquire, parameter_versions.release))
         freeze_parameters(self.model, undo)
         register_child(self.model, self._child_name, self.prompt_encoder, undo)
         self.saved_modules.install(undo)
         if self._shifts_labels and not self._encoder_decoder:
             _report_mean_loss_to_trainer(self.model, undo)
-        root = self._prompt_root
-        hook = root.module.register_forward_pre_hook(functools.partial(self._prepend, root), with_kwargs=True)
-        undo.push(hook.remove)
-        if not self._encoder_decoder:
-            hook = self.model.register_forward_hook(self._finish, with_kwargs=True)
-            undo.push(hook.remove)
+        owner = f"the prompt {self.adapter_name!r}"
+        for root in self._token_roots:
+            shadow_forward(root.module, functools.partial(self._run_tokens, root), owner, undo)
         if self._decoder is not None:
-            decoder = self._decoder
-            hook = decoder.module.register_forward_pre_hook(
-                functools.partial(self._extend_cross_mask, decoder), with_kwargs=True
-            )
-            undo.push(hook.remove)
+            shadow_forward(self._decoder.module, functools.partial(self._run_decoder, self._decoder), owner, undo)
+
+    def _forget_caches(self) -> None:
+        self._caches.clear()
+
+    def _reset_transient(self) -> None:
+        self._caches = weakref.WeakSet()
 
     # --- per forward --------------------------------------------------------------------
     def prompt(self) -> torch.Tensor:
@@ -281,17 +314,31 @@ class PromptAttachment(Attachment):
         """
         return self.prompt_encoder.prompt(1)[:, : self.num_virtual_tokens]  # (1, P, token_dim)
 
-    def _prepend(self, root: _Root, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        self._prepended.set(None)
-        if not self.is_enabled:
-            return None
+    def _run_tokens(self, root: _Root, forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """One call of a token module's forward, however it was invoked: the outermost one puts the
+        prompt in front, runs, and takes the virtual positions out of the output."""
+        if not self.is_attached or not self.is_enabled or self._inside.get():
+            return forward(*args, **kwargs)  # detached, disabled, or called by a token module already served
+        args, kwargs, prepended = self._prepend(root, args, kwargs)
+        self._inside.set(True)
+        try:
+            output = forward(*args, **kwargs)
+        finally:
+            self._inside.set(None)
+        return output if prepended is None else self._finish(output, prepended)
+
+    def _prepend(
+        self, root: _Root, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any], _Prepended | None]:
+        """The call with the prompt in front, and what to undo in its output (``None``: nothing)."""
+        module = root.module
         call = ForwardCall(root.params, args, dict(kwargs), module=module)
         input_ids, embeds = call.get("input_ids"), call.get("inputs_embeds")
         tokens = embeds if embeds is not None else input_ids
         if tokens is None:
-            return None  # the model raises its own error
+            return args, kwargs, None  # the model raises its own error
         mask, positions = call.get("attention_mask"), call.get("position_ids")
-        keyword, given_cache = (None, None) if self._encoder_decoder else find_cache(call)
+        keyword, given_cache = (None, None) if root.role == _ENCODER else find_cache(call)
         if getattr(given_cache, "is_compileable", False):
             raise ValueError(
                 f"{keyword} of type {type(given_cache).__name__} is not supported with prompt tuning: a static "
@@ -300,7 +347,7 @@ class PromptAttachment(Attachment):
             )
         if mask is not None and mask.dim() != 2:
             prepend_mask(mask, self.num_virtual_tokens)  # raises the error naming the shape
-        if self._pools_last_position and mask is not None and not bool(mask[:, -1].all()):
+        if root.role == _MODEL and self._pools_last_position and mask is not None and not bool(mask[:, -1].all()):
             rows = (mask[:, -1] == 0).nonzero().flatten().tolist()
             raise ValueError(
                 f"rows {rows} of the batch are right-padded: {type(module).__name__} classifies the last non-pad "
@@ -310,74 +357,118 @@ class PromptAttachment(Attachment):
             )
         cache = _filled_cache(given_cache, keyword)
         if cache is not None:
-            return self._continue(call, cache, keyword)
+            prepended = self._continue(call, cache, keyword)
+            return call.args, call.kwargs, prepended
         num_virtual = self.num_virtual_tokens
         length = tokens.shape[1]
+        offsets = virtual_offsets(mask, self.config.virtual_token_placement)  # (B,) or None: all in front
         if embeds is None:
             embeds = module.get_input_embeddings()(input_ids)  # type: ignore[operator]  # (B, L, D), a swapped one too
             call.set("input_ids", None)
-        call.set("inputs_embeds", prepend_prompt(self.prompt(), embeds))  # (B, P + L, D)
+        call.set("inputs_embeds", prepend_prompt(self.prompt(), embeds, offsets))  # (B, P + L, D)
         if mask is not None:
-            call.set("attention_mask", prepend_mask(mask, num_virtual))  # (B, P + L), 1 = attend
+            call.set("attention_mask", prepend_mask(mask, num_virtual, offsets))  # (B, P + L), 1 = attend
         if positions is not None:
-            call.set("position_ids", prepend_positions(positions, num_virtual))  # (B, P + L)
+            call.set("position_ids", prepend_positions(positions, num_virtual, offsets))  # (B, P + L)
         token_types = call.get("token_type_ids")
         if token_types is not None:
-            call.set("token_type_ids", prepend_filler(token_types, num_virtual, 0))  # (B, P + L)
+            call.set("token_type_ids", prepend_filler(token_types, num_virtual, 0, offsets))  # (B, P + L)
         labels = call.get("labels")
-        if labels is not None and self._labels_per_token and not self._encoder_decoder:
+        if labels is not None and self._labels_per_token and root.role == _MODEL:
             if labels.dim() != 2 or labels.shape[1] != length:
                 raise ValueError(
                     f"labels of shape {tuple(labels.shape)} are not accepted; expected one label per token, "
                     f"(batch, {length})"
                 )
-            call.set("labels", prepend_filler(labels, num_virtual, IGNORE_INDEX))  # (B, P + L)
+            call.set("labels", prepend_filler(labels, num_virtual, IGNORE_INDEX, offsets))  # (B, P + L)
+        if root.role == _ENCODER:
+            return call.args, call.kwargs, None  # its output keeps the virtual positions, for the decoder
+        answer = self._take_answer_positions(call)
+        return call.args, call.kwargs, _Prepended(length, self._return_dict(call), offsets, answer)
+
+    @staticmethod
+    def _return_dict(call: ForwardCall) -> bool:
+        """Make the call return a ``ModelOutput``; whether the caller asked for a tuple."""
         to_tuple = call.get("return_dict") is False
         if to_tuple:
             call.set("return_dict", True)
-        self._prepended.set(_Prepended(length, to_tuple))
-        return call.args, call.kwargs
+        return to_tuple
 
-    def _continue(self, call: ForwardCall, cache: Cache, keyword: str | None) -> Any:
-        """A call continuing a cache: its virtual tokens must be this prompt's, already cached."""
-        if cache not in self._caches:
+    def _take_answer_positions(self, call: ForwardCall) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A question-answering head's ``start_positions`` / ``end_positions``, taken out of the call:
+        they index the real tokens, so their loss is computed on the real positions' logits."""
+        if self._encoder_decoder or "start_positions" not in call.params:
+            return None
+        start, end = call.get("start_positions"), call.get("end_positions")
+        if start is None or end is None:
+            return None
+        call.set("start_positions", None)
+        call.set("end_positions", None)
+        return start, end
+
+    def _continue(self, call: ForwardCall, cache: Cache, keyword: str | None) -> _Prepended:
+        """A call continuing a cache: its virtual tokens must be this prompt's, already cached.
+        The model's layers get the real cache (a returned :class:`PromptCacheView` is unwrapped)."""
+        real = real_cache(cache)
+        if real not in self._caches:
             raise RuntimeError(
-                f"{keyword} already holds {cache.get_seq_length()} positions that were not computed with the "
+                f"{keyword} already holds {real.get_seq_length()} positions that were not computed with the "
                 f"prompt {self.adapter_name!r}; start from an empty cache (or none) so the virtual tokens are cached "
                 "first"
             )
+        if real is not cache:
+            call.set(keyword or "cache", real)
         mask, positions = call.get("attention_mask"), call.get("position_ids")
+        tokens = call.get("inputs_embeds") if call.get("inputs_embeds") is not None else call.get("input_ids")
+        cached = real.get_seq_length() - self.num_virtual_tokens  # real tokens cached
+        # generate() slices its inputs by the cache's length: a cache counting the virtual tokens makes it
+        # feed cached tokens again (the mask then is too short; without padding it drops the mask, and the
+        # first new position falls inside the cache)
+        too_short = mask is not None and tokens is not None and mask.shape[1] != cached + tokens.shape[1]
+        if too_short or (mask is None and positions is not None and int(positions[..., 0].max()) < cached):
+            raise ValueError(
+                f"{keyword} holds {cached} real tokens (plus {self.num_virtual_tokens} virtual ones) but the call's "
+                "attention_mask / position_ids do not continue after them; continue from the cache the model "
+                "returned (out.cache, which counts real tokens only), with a mask over the cached and the new tokens"
+            )
         if mask is not None:
-            call.set("attention_mask", prepend_mask(mask, self.num_virtual_tokens))  # (B, P + past + q)
+            offsets = virtual_offsets(mask, self.config.virtual_token_placement)  # a row's leading pads stay
+            call.set("attention_mask", prepend_mask(mask, self.num_virtual_tokens, offsets))  # (B, P + past + q)
         if positions is not None:
             call.set("position_ids", positions + self.num_virtual_tokens)  # (B, q)
-        return call.args, call.kwargs
+        length = tokens.shape[1] if tokens is not None else 0
+        return _Prepended(length, self._return_dict(call))
 
-    def _finish(self, module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> Any:
-        prepended = self._prepended.get()
-        self._prepended.set(None)
-        if prepended is None:
-            return None
-        cache = output_cache(output)
-        if isinstance(cache, Cache):
-            self._caches.add(cache)
+    def _finish(self, output: Any, prepended: _Prepended) -> Any:
+        self._return_cache_view(output)
+        if prepended.answer is not None:
+            output = question_answering_loss(output, *prepended.answer, prepended.length, prepended.offsets)
         if not self.config.keep_virtual_outputs:
-            output = trim_virtual_outputs(output, prepended.length)
+            output = trim_virtual_outputs(output, prepended.length, prepended.offsets)
         return output.to_tuple() if prepended.to_tuple else output
 
-    def _extend_cross_mask(self, root: _Root, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """Decoder pre-hook: the encoder output carries ``P`` virtual positions the 2-D
-        ``encoder_attention_mask`` does not know about yet."""
-        if not self.is_enabled:
-            return None
-        call = ForwardCall(root.params, args, dict(kwargs), module=module)
+    def _return_cache_view(self, output: Any) -> None:
+        """Remember the cache ``output`` carries (it holds the virtual tokens) and hand it to the
+        caller as a :class:`PromptCacheView`, whose lengths count the real tokens only."""
+        cache = output_cache(output)
+        if not isinstance(cache, Cache) or isinstance(cache, PromptCacheView):
+            return
+        self._caches.add(cache)
+        key = next(key for key, value in output.items() if value is cache)
+        output[key] = PromptCacheView(cache, self.num_virtual_tokens, self.adapter_name)
+
+    def _run_decoder(self, root: _Root, forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """One call of the decoder stack's forward: the encoder output carries ``P`` virtual positions
+        the 2-D ``encoder_attention_mask`` does not know about yet."""
+        if not self.is_attached or not self.is_enabled:
+            return forward(*args, **kwargs)
+        call = ForwardCall(root.params, args, dict(kwargs), module=root.module)
         states, mask = call.get("encoder_hidden_states"), call.get("encoder_attention_mask")
-        if states is None or mask is None or mask.dim() != 2:
-            return None
-        if states.shape[1] != mask.shape[1] + self.num_virtual_tokens:
-            return None
-        call.set("encoder_attention_mask", prepend_mask(mask, self.num_virtual_tokens))  # (B, P + L)
-        return call.args, call.kwargs
+        if states is None or mask is None or mask.dim() != 2 or states.shape[1] != mask.shape[1] + self.num_virtual_tokens:
+            return forward(*args, **kwargs)
+        offsets = virtual_offsets(mask, self.config.virtual_token_placement)  # as the encoder placed them
+        call.set("encoder_attention_mask", prepend_mask(mask, self.num_virtual_tokens, offsets))  # (B, P + L)
+        return forward(*call.args, **call.kwargs)
 
 
 def attach_prompt(

@@ -46,6 +46,13 @@ class PromptEncoderReparameterizationType(str, enum.Enum):
     LSTM = "LSTM"
 
 
+AFTER_PADDING = "after_padding"
+"""``virtual_token_placement``: each row's virtual tokens right before its first real token."""
+PEFT_PLACEMENT = "peft"
+"""``virtual_token_placement``: the virtual tokens in front of every row, padding included (PEFT's layout)."""
+VIRTUAL_TOKEN_PLACEMENTS = (AFTER_PADDING, PEFT_PLACEMENT)
+
+
 def _check_bool(name: str, value: object) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"{name}={value!r} is not accepted; expected True or False")
@@ -81,6 +88,12 @@ class PromptLearningConfig(AdapterConfig):
         keep_virtual_outputs: ``False`` (default) removes the virtual positions from the
             model's outputs (logits, hidden states, attentions' query axis) so existing code
             sees the lengths it gave; ``True`` returns them, as PEFT does.
+        virtual_token_placement: where a left-padded row's virtual tokens go: ``"after_padding"``
+            (default) right before its first real token, ``[pads][virtual][tokens]``, so the row
+            computes what it computes alone, with or without ``position_ids``; ``"peft"`` in front
+            of the padding, ``[virtual][pads][tokens]``, as PEFT does (its outputs then depend on
+            the padding unless ``position_ids`` are given). Rows without left padding are the
+            same either way.
     """
 
     num_virtual_tokens: int = 20
@@ -90,6 +103,7 @@ class PromptLearningConfig(AdapterConfig):
     num_layers: int | None = None
     modules_to_save: list[str] | None = None
     keep_virtual_outputs: bool = False
+    virtual_token_placement: str = AFTER_PADDING
 
     def __post_init__(self) -> None:
         self._check_common_fields()
@@ -111,6 +125,11 @@ class PromptLearningConfig(AdapterConfig):
         if self.modules_to_save is not None:
             self.modules_to_save = list(self.modules_to_save)
         _check_bool("keep_virtual_outputs", self.keep_virtual_outputs)
+        if self.virtual_token_placement not in VIRTUAL_TOKEN_PLACEMENTS:
+            accepted = ", ".join(repr(value) for value in VIRTUAL_TOKEN_PLACEMENTS)
+            raise ValueError(
+                f"virtual_token_placement={self.virtual_token_placement!r} is not accepted; expected one of {accepted}"
+            )
         if self.task_type is not None:
             self.task_type = _enum_value(TaskType, "task_type", self.task_type)
 

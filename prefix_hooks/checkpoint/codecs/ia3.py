@@ -20,7 +20,7 @@ from prefix_hooks.checkpoint.codec import SavedAdapter, register_codec
 from prefix_hooks.checkpoint.state_dicts import check_state_dict, cpu_copies, loading_config
 from prefix_hooks.ia3.attachment import IA3Attachment
 from prefix_hooks.ia3.config import IA3Config
-from prefix_hooks.ia3.targets import select_targets, task_modules_to_save
+from prefix_hooks.ia3.targets import select_targets
 from prefix_hooks.legacy_names import current_keys
 from prefix_hooks.lora import swaps
 
@@ -75,7 +75,7 @@ class IA3Codec:
             raise ValueError(
                 f"an (IA)^3 checkpoint has no extra tensors, but the extra file holds {sorted(saved.extra)[:8]}"
             )
-        config = loading_config(config, task_modules_to_save(config), trainable)
+        config = loading_config(config, trainable)
         handle = IA3Attachment(model, config, adapter_name)
         expected = handle.peft_state_dict()
         # keys written for module names from before transformers 5 (PEFT adapters trained on 4.x)

@@ -39,7 +39,7 @@ from prefix_hooks.legacy_names import current_keys
 from prefix_hooks.lora import swaps
 from prefix_hooks.lora.attachment import LoraAttachment
 from prefix_hooks.lora.config import LoraConfig
-from prefix_hooks.lora.targets import select_targets, task_modules_to_save
+from prefix_hooks.lora.targets import select_targets
 
 PEFT_PREFIX = "base_model.model."
 """Prefix of every key PEFT saves for a non-prompt-learning adapter."""
@@ -194,7 +194,7 @@ class LoraCodec:
             raise ValueError(
                 f"a LoRA checkpoint has no extra tensors, but the extra file holds {some(sorted(saved.extra))}"
             )
-        config = loading_config(config, task_modules_to_save(config), trainable)
+        config = loading_config(config, trainable)
         handle = LoraAttachment(model, config, adapter_name)
         what = f"LoRA adapter {adapter_name!r}"
         own = adapter_state_dict(handle)

@@ -36,7 +36,7 @@ from prefix_hooks.checkpoint.state_dicts import check_state_dict, copy_into, cpu
 from prefix_hooks.config import EncoderDecoderLayout, PrefixTuningConfig
 from prefix_hooks.prefix import PrefixAttachment
 from prefix_hooks.prefix_encoder import PrefixEncoder
-from prefix_hooks.saved_modules import SavedModules, task_heads
+from prefix_hooks.saved_modules import SavedModules
 
 PROMPT_KEY = "prompt_embeddings"
 """PEFT's key of the folded prompt (prefix tuning, prompt tuning and P-tuning)."""
@@ -57,18 +57,6 @@ def saved_module_tensors(saved_modules: SavedModules) -> dict[str, torch.Tensor]
         for key, tensor in duplicate.state_dict(keep_vars=True).items():
             out[f"{SAVED_MODULE_PREFIX}{name}.{key}"] = tensor.detach()
     return out
-
-
-def explicit_modules_to_save(modules_to_save: list[str] | None, task_type: Any) -> list[str] | None:
-    """``modules_to_save`` without the task heads ``task_type`` implies, duplicates removed.
-
-    PEFT writes the implied heads into the config (``["classifier", "score", "classifier",
-    "score"]`` for ``SEQ_CLS``); left there they would be required, and ``score`` is absent
-    from a bert model. The task type still implies them, where absent heads match nothing.
-    """
-    implied = set(task_heads(task_type))
-    names = [name for name in dict.fromkeys(modules_to_save or []) if name not in implied]
-    return names or None
 
 
 def check_folded_matches(
@@ -193,12 +181,8 @@ class PrefixCodec:
         layout = config.encoder_decoder_layout
         if layout is None and getattr(getattr(model, "config", None), "is_encoder_decoder", False):
             layout = EncoderDecoderLayout.PEFT  # a PEFT folder: only PEFT's layout reproduces it
-        config = dataclasses.replace(
-            config,
-            encoder_decoder_layout=layout,
-            inference_mode=not trainable,
-            modules_to_save=explicit_modules_to_save(config.modules_to_save, config.task_type),
-        )
+        # modules_to_save stays as saved (PEFT's task heads included: they may match nothing), so it saves again unchanged
+        config = dataclasses.replace(config, encoder_decoder_layout=layout, inference_mode=not trainable)
         handle = PrefixAttachment(model, config, adapter_name)  # validates the config against the model
         resolved = handle.config
         key = FULL_LAYOUT_KEY if resolved.encoder_decoder_layout == EncoderDecoderLayout.FULL else PROMPT_KEY

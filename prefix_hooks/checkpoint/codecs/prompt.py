@@ -26,7 +26,6 @@ from prefix_hooks.checkpoint.codec import SavedAdapter, register_codec
 from prefix_hooks.checkpoint.codecs.prefix import (
     PROMPT_KEY,
     check_folded_matches,
-    explicit_modules_to_save,
     peft_loadable_config,
     saved_module_tensors,
 )
@@ -109,11 +108,8 @@ class PromptCodec:
                 "it with trainable=False, or train the output as a prompt: attach_prompt(model, "
                 "PromptTuningConfig(...)) and copy prompt_embeddings into handle.prompt_encoder.embedding.weight"
             )
-        loading: PromptTuningConfig | PromptEncoderConfig = dataclasses.replace(
-            config,
-            inference_mode=not trainable,
-            modules_to_save=explicit_modules_to_save(config.modules_to_save, config.task_type),
-        )
+        # modules_to_save stays as saved (PEFT's task heads included: they may match nothing), so it saves again unchanged
+        loading: PromptTuningConfig | PromptEncoderConfig = dataclasses.replace(config, inference_mode=not trainable)
         if isinstance(loading, PromptTuningConfig):  # the saved values replace the init: skip it (no tokenizer)
             loading = _without_init(loading)
         handle = PromptAttachment(model, loading, adapter_name)  # validates the config against the model
