@@ -32,7 +32,7 @@ import wrapt
 from torch import nn
 
 from prefix_hooks.families.base import AttentionSite, CurrentState, ForwardCall, SpliceSource
-from prefix_hooks.transformers_compat import CACHE_KEYWORDS, attention_cache_parameter, find_cache, forward_parameters
+from prefix_hooks.transformers_compat import CACHE_KEYWORDS, cache_keyword, find_cache, forward_parameters
 
 if TYPE_CHECKING:
     from prefix_hooks.attachment import UndoStack
@@ -125,7 +125,7 @@ def install_cache_view_hooks(
 
     for site in sites:
         params = forward_parameters(site.module)
-        cache_parameter = attention_cache_parameter(site.module)
+        cache_parameter = cache_keyword(params)
         if cache_parameter is None:
             raise ValueError(
                 f"{type(site.module).__name__}.forward takes no cache argument (known names: "

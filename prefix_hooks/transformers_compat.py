@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import transformers
+from packaging.version import Version
 from torch import nn
 from transformers.cache_utils import Cache
 
@@ -43,7 +44,6 @@ __all__ = [
     "alibi_builder",
     "alibi_enabled",
     "attends_through_registry",
-    "attention_cache_parameter",
     "cache_keyword",
     "cache_length_keyword",
     "cached_length",
@@ -220,12 +220,6 @@ POSITION_BIAS_KEYWORD = "position_bias"
 """MPT's slot-relative alibi argument ``(H, 1, max_seq_len)``."""
 
 
-def attention_cache_parameter(module: nn.Module) -> str | None:
-    """The parameter an attention module's ``forward`` takes its cache under (``cache`` on 5.24+,
-    ``past_key_values`` or ``layer_past`` before), read from the signature; ``None`` when it takes none."""
-    return cache_keyword(forward_parameters(module))
-
-
 def registry_kv_heads(module: nn.Module, num_heads: int) -> int | None:
     """Key/value heads ``module`` hands the attention function, when it attends through the registry.
 
@@ -252,17 +246,9 @@ def alibi_builder(module: nn.Module) -> Callable[..., Any] | None:
     return function if callable(function) else None
 
 
-def _release(version: str) -> tuple[int, ...]:
-    """``"5.25.0"`` -> ``(5, 25, 0)``; pre-release and local tags are ignored."""
-    parts = []
-    for part in version.split("+")[0].split("."):
-        digits = "".join(ch for ch in part if ch.isdigit()) if part[:1].isdigit() else ""
-        if not digits:
-            break
-        parts.append(int(digits))
-        if not part.isdigit():
-            break
-    return tuple(parts)
+def _minor(version: str) -> tuple[int, ...]:
+    """``"5.25.0"`` -> ``(5, 25)``; pre-release and local tags are ignored."""
+    return Version(version).release[:2]
 
 
 def check_installed_version(version: str | None = None) -> str | None:
@@ -273,10 +259,10 @@ def check_installed_version(version: str | None = None) -> str | None:
         the warning's text, or ``None`` when the version is inside the tested range.
     """
     version = version or transformers.__version__
-    release = _release(version)[:2]
-    if _release(OLDEST_TESTED)[:2] <= release <= _release(NEWEST_TESTED)[:2]:
+    release = _minor(version)
+    if _minor(OLDEST_TESTED) <= release <= _minor(NEWEST_TESTED):
         return None
-    relation = "newer than the newest" if release > _release(NEWEST_TESTED)[:2] else "older than the oldest"
+    relation = "newer than the newest" if release > _minor(NEWEST_TESTED) else "older than the oldest"
     message = (
         f"transformers {version} is installed, {relation} release prefix_hooks was tested on (tested: "
         f"{OLDEST_TESTED} to {NEWEST_TESTED}); run `python -m prefix_hooks.check` to check every method and "

@@ -213,10 +213,9 @@ def test_merge_is_refused_while_another_thread_is_inside_disabled() -> None:
             handle.merge()
 
 
-def test_a_task_keeping_the_switch_after_a_merge_raises() -> None:
+def _assert_a_task_keeping_the_switch_raises_after_a_merge(model: nn.Module, handle: Any, match: str) -> None:
     """A task created inside ``disabled()`` keeps the switch (its context is a copy); if the adapter is
     merged after the block, that task's forward raises instead of silently computing the adapter."""
-    model, handle = _lora_handle("llama-linear")
     inputs = _inputs()
 
     async def scenario() -> None:
@@ -230,11 +229,18 @@ def test_a_task_keeping_the_switch_after_a_merge_raises() -> None:
             task = asyncio.create_task(late_forward())
         handle.merge()
         go.set()
-        with pytest.raises(RuntimeError, match=r"merged into the weight .* but disabled\(\) in this thread"):
+        with pytest.raises(RuntimeError, match=match):
             await task
 
     with handle:
         asyncio.run(scenario())
+
+
+def test_a_task_keeping_the_switch_after_a_merge_raises() -> None:
+    model, handle = _lora_handle("llama-linear")
+    _assert_a_task_keeping_the_switch_raises_after_a_merge(
+        model, handle, r"merged into the weight .* but disabled\(\) in this thread"
+    )
 
 
 # --- modules-to-save copies of every method ------------------------------------------------------
@@ -306,23 +312,8 @@ def test_ia3_merge_is_refused_while_another_thread_is_inside_disabled() -> None:
 
 def test_an_ia3_task_keeping_the_switch_after_a_merge_raises() -> None:
     model = build_model("llama")
-    inputs = _inputs()
     handle = attach_ia3(model, IA3Config())
     _randomise_all(handle, seed=3)
-
-    async def scenario() -> None:
-        go = asyncio.Event()
-
-        async def late_forward() -> torch.Tensor:
-            await go.wait()
-            return run(model, inputs)
-
-        with handle.disabled():
-            task = asyncio.create_task(late_forward())
-        handle.merge()
-        go.set()
-        with pytest.raises(RuntimeError, match=r"merged into this Linear's weight but its adapter is disabled\(\)"):
-            await task
-
-    with handle:
-        asyncio.run(scenario())
+    _assert_a_task_keeping_the_switch_raises_after_a_merge(
+        model, handle, r"merged into this Linear's weight but its adapter is disabled\(\)"
+    )

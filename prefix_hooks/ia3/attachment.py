@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 from torch import nn
 
+from prefix_hooks.disabled_blocks import DisabledBlocks
 from prefix_hooks.attachment import Attachment, UndoStack, freeze_parameters, register_child
 from prefix_hooks.devices import offload_aware_device
 from prefix_hooks.ia3 import scaling
@@ -101,7 +102,7 @@ class IA3Attachment(Attachment):
         self._vectors = IA3Vectors([_vector_for(t, config.init_ia3_weights, trainable) for t in self.targets])
         self.modules_to_save_names = self.saved_modules.names
         self._merged = False
-        self._open_disabled = 0  # disabled() blocks open now, in every thread and task (guarded by scaling.lock)
+        self._disabled_blocks = DisabledBlocks(f"(IA)^3 adapter {adapter_name!r}")  # guarded by scaling.lock
 
     @property
     def child_name(self) -> str:
@@ -216,18 +217,9 @@ class IA3Attachment(Attachment):
         Raises:
             RuntimeError: the adapter is merged (unmerge() first).
         """
-        with scaling.lock:
-            if self._merged:
-                raise RuntimeError(
-                    f"(IA)^3 adapter {self.adapter_name!r} is merged into the base weights; unmerge() before disabling it"
-                )
-            self._open_disabled += 1
-        try:
-            with self.saved_modules.disabled(), super().disabled():
-                yield
-        finally:
-            with scaling.lock:
-                self._open_disabled -= 1
+        with self._disabled_blocks.open(scaling.lock, lambda: self._merged), self.saved_modules.disabled(), \
+                super().disabled():
+            yield
 
     # --- merging -----------------------------------------------------------------------------
     @property
@@ -252,14 +244,7 @@ class IA3Attachment(Attachment):
                 raise RuntimeError(f"(IA)^3 adapter {self.adapter_name!r} is not attached")
             if self._merged:
                 return
-            if not self.is_enabled:
-                raise RuntimeError(f"(IA)^3 adapter {self.adapter_name!r} is disabled here; a merged adapter always applies")
-            if self._open_disabled:
-                raise RuntimeError(
-                    f"(IA)^3 adapter {self.adapter_name!r} is inside disabled() in {self._open_disabled} other thread(s) "
-                    "or task(s); merging would apply it there too (a merged adapter always applies): let those blocks "
-                    "end first"
-                )
+            self._disabled_blocks.check_closed(self.is_enabled, "merge it")
             self._check_no_merged_lora()
             for target in self.targets:
                 found = scaling.scaling_of(target.module)

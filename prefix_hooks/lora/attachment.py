@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from prefix_hooks.disabled_blocks import DisabledBlocks
 from prefix_hooks.attachment import Attachment, UndoStack, attachments_of
 from prefix_hooks.lora import swaps
 from prefix_hooks.lora.config import LoraConfig
@@ -113,7 +114,7 @@ class LoraAttachment(Attachment):
         self.target_names = names
         self.modules_to_save_names = saved
         self._merged = False
-        self._open_disabled = 0  # disabled() blocks open now, in every thread and task (guarded by swaps.lock)
+        self._disabled_blocks = DisabledBlocks(f"LoRA adapter {adapter_name!r}")  # guarded by swaps.lock
 
     def _build_target(self, place: _Place) -> _Target:
         home = wrap_module(place.original)
@@ -316,32 +317,8 @@ class LoraAttachment(Attachment):
             >>> with handle.disabled():        # this thread only
             ...     base_logits = model(**batch).logits
         """
-        with swaps.lock:
-            if self._merged:
-                raise RuntimeError(
-                    f"LoRA adapter {self.adapter_name!r} is merged into the base weights; unmerge() before disabling it"
-                )
-            self._open_disabled += 1
-        try:
-            with self._switch.off(), super().disabled():  # super(): is_enabled
-                yield
-        finally:
-            with swaps.lock:
-                self._open_disabled -= 1
-
-    def _check_not_disabled_anywhere(self, action: str) -> None:
-        """Raise if a ``disabled()`` block of this adapter is open: ``action`` would change the weights its
-        forwards use. Call with ``swaps.lock`` held."""
-        if not self.is_enabled:
-            raise RuntimeError(
-                f"LoRA adapter {self.adapter_name!r} is disabled here (inside its disabled() block); cannot "
-                f"{action}, which would apply it"
-            )
-        if self._open_disabled:
-            raise RuntimeError(
-                f"LoRA adapter {self.adapter_name!r} is inside disabled() in {self._open_disabled} other thread(s) or "
-                f"task(s); cannot {action}, which would apply it there too: let those blocks end first"
-            )
+        with self._disabled_blocks.open(swaps.lock, lambda: self._merged), self._switch.off(), super().disabled():
+            yield  # super(): is_enabled
 
     # --- merging -----------------------------------------------------------------------------
     @property
@@ -371,7 +348,7 @@ class LoraAttachment(Attachment):
                     f"LoRA adapter {self.adapter_name!r} is not active (active: {state.active}); "
                     "a merged adapter always applies, so activate it before merging"
                 )
-            self._check_not_disabled_anywhere("merge it")
+            self._disabled_blocks.check_closed(self.is_enabled, "merge it")
             self._check_no_merged_ia3(layers)
             for layer in layers:
                 layer.merge([self.adapter_name])
@@ -424,7 +401,7 @@ class LoraAttachment(Attachment):
                     "(nested blocks); call it where the adapter is attached once"
                 )
             with swaps.lock:
-                self._check_not_disabled_anywhere("bake it")
+                self._disabled_blocks.check_closed(self.is_enabled, "bake it")
             if not self.is_attached:
                 self.attach()
             self.unmerge()
