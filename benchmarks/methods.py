@@ -39,7 +39,7 @@ from prefix_hooks import (
     attach_prefix,
     attach_prompt,
 )
-from prefix_hooks.attachment import UndoStack
+from prefix_hooks.core.attachment import UndoStack
 
 NUM_VIRTUAL_TOKENS = 20
 

@@ -24,7 +24,7 @@ accelerate`` under torchrun runs the same training through ``Accelerator.prepare
 
 With ``--out DIR`` each rank writes ``DIR/<method>/rank<r>.pt`` (``single.pt`` for one process):
 the final adapter tensors, the losses, the element count of every gradient bucket DDP
-all-reduced, and the base state after detach; ``tests/test_integration_distributed.py`` checks them.
+all-reduced, and the base state after detach; ``tests/integration/test_integration_distributed.py`` checks them.
 """
 
 from __future__ import annotations

@@ -6,16 +6,21 @@
 
 Methods: prefix tuning (:func:`attach_prefix`), LoRA (:func:`attach_lora`), prompt tuning and
 P-tuning (:func:`attach_prompt`), IA3 (:func:`attach_ia3`); several at once with :func:`attach`.
+
+Layout (dependencies point down; ``tests/test_layering.py`` keeps them so): this module on top;
+:mod:`.checkpoint` (PEFT's folders); :mod:`.families` (one module per architecture); the methods
+:mod:`.prefix`, :mod:`.prompt`, :mod:`.lora`, :mod:`.ia3`; :mod:`.core` (lifecycle, shared config,
+compatibility with transformers). See ``docs/architecture.md``.
 """
 
 import logging
 
-from prefix_hooks import transformers_compat as _transformers_compat
-
-from prefix_hooks.attachment import Attachment, attachments_of
+from prefix_hooks.core import moved as _moved
 from prefix_hooks.checkpoint import CheckpointError, SaveAdapterCallback, load_adapter, save_adapter
-from prefix_hooks.compose import MultiAttachment, attach, register_method
-from prefix_hooks.config import AdapterConfig, PeftType, PrefixTuningConfig, TaskType
+from prefix_hooks.core import transformers_compat as _transformers_compat
+from prefix_hooks.core.attachment import Attachment, attachments_of
+from prefix_hooks.core.compose import MultiAttachment, attach, register_method
+from prefix_hooks.core.config import AdapterConfig, PeftType, TaskType
 from prefix_hooks.families import ArchitectureAdapter, UnsupportedModelError, register_family, supported
 from prefix_hooks.ia3 import IA3Attachment, IA3Config, attach_ia3
 from prefix_hooks.lora import (
@@ -26,8 +31,7 @@ from prefix_hooks.lora import (
     attach_lora,
     set_active_adapters,
 )
-from prefix_hooks.prefix import PrefixAttachment, attach_prefix
-from prefix_hooks.prefix_encoder import PrefixEncoder
+from prefix_hooks.prefix import PrefixAttachment, PrefixEncoder, PrefixTuningConfig, attach_prefix
 from prefix_hooks.prompt import (
     PromptAttachment,
     PromptEmbedding,
@@ -79,10 +83,7 @@ __all__ = [
 
 __version__ = "0.1.0"
 
-register_method(LoraConfig, attach_lora)
-register_method(PromptTuningConfig, attach_prompt)
-register_method(PromptEncoderConfig, attach_prompt)
-register_method(IA3Config, attach_ia3)
+_moved.install()  # old module paths (prefix_hooks.config, ...) resolve until 0.3, with a DeprecationWarning
 
 # A library never configures logging: records go nowhere unless the application sets up handlers
 # (e.g. ``logging.basicConfig(level=logging.INFO)``).

@@ -58,8 +58,8 @@ from prefix_hooks import (
     attach_prompt,
     supported,
 )
-from prefix_hooks.attachment import Attachment
-from prefix_hooks.transformers_compat import cache_keyword, forward_parameters, output_cache
+from prefix_hooks.core.attachment import Attachment
+from prefix_hooks.core.transformers_compat import cache_keyword, forward_parameters, output_cache
 
 __all__ = [
     "INVARIANTS",

@@ -16,11 +16,11 @@ versions=("$@")
 
 # Files whose oracles are independent of the version: caches, restoration, PEFT parity.
 matrix_tests=(
-    tests/test_cache_consistency.py tests/test_inline_cache.py tests/test_seq2seq_cache.py
-    tests/test_lifecycle.py tests/test_lora_lifecycle.py tests/test_ia3_lifecycle.py
-    tests/test_peft_parity.py tests/test_encoder_peft_parity.py tests/test_inline_peft.py
-    tests/test_lora_peft_parity.py tests/test_prompt_peft_parity.py tests/test_ia3_peft_parity.py
-    tests/test_seq2seq_peft.py tests/test_check.py tests/test_transformers_compat.py
+    tests/prefix/test_cache_consistency.py tests/prefix/test_inline_cache.py tests/families/test_seq2seq_cache.py
+    tests/core/test_lifecycle.py tests/lora/test_lora_lifecycle.py tests/ia3/test_ia3_lifecycle.py
+    tests/prefix/test_peft_parity.py tests/families/test_encoder_peft_parity.py tests/families/test_inline_peft.py
+    tests/lora/test_lora_peft_parity.py tests/prompt/test_prompt_peft_parity.py tests/ia3/test_ia3_peft_parity.py
+    tests/families/test_seq2seq_peft.py tests/integration/test_check.py tests/core/test_transformers_compat.py
 )
 
 failed=()

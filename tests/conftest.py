@@ -11,8 +11,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, Phase, settings
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent / "support"))  # the shared tiny-model builders and fixtures
 
+from restoration import make_warm_model  # noqa: F401  (a fixture for every test file)
 from tiny_models import build_model
 
 # "ci" (default): bounded and derandomized, so every run checks the same examples.

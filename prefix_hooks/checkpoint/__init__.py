@@ -19,6 +19,8 @@ from prefix_hooks.checkpoint.codec import (
 )
 from prefix_hooks.checkpoint.configs import config_from_dict
 from prefix_hooks.checkpoint.folder import CheckpointError
+from prefix_hooks.checkpoint.peft_format import PeftFolderFormat
+from prefix_hooks.core.checkpoints import register_checkpoint_format
 
 __all__ = [
     "EXTRA_CONFIG_KEY",
@@ -33,3 +35,5 @@ __all__ = [
     "register_codec",
     "save_adapter",
 ]
+
+register_checkpoint_format(PeftFolderFormat())  # the core reaches folders through this (prefix_hooks.core.checkpoints)

@@ -25,7 +25,6 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from prefix_hooks.attachment import Attachment
 from prefix_hooks.checkpoint.codec import (
     CONFIG_NAME,
     EXTRA_CONFIG_KEY,
@@ -36,8 +35,9 @@ from prefix_hooks.checkpoint.codec import (
 from prefix_hooks.checkpoint.configs import parse_config, warn_unknown_keys
 from prefix_hooks.checkpoint.folder import INDEX_NAME, read_adapter, read_index, write_adapters
 from prefix_hooks.checkpoint.hub import resolve_folder
-from prefix_hooks.compose import MultiAttachment
-from prefix_hooks.config import PeftType
+from prefix_hooks.core.attachment import Attachment
+from prefix_hooks.core.compose import MultiAttachment
+from prefix_hooks.core.config import PeftType
 
 A = TypeVar("A", bound=Attachment)
 

@@ -21,7 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from prefix_hooks.attachment import Attachment
+from prefix_hooks.core.attachment import Attachment
 
 EXTRA_CONFIG_KEY = "prefix_hooks"
 """Our extra config values (position_offset, layouts, trainable-form flags, format version) live

@@ -23,9 +23,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from prefix_hooks.checkpoint.codec import EXTRA_CONFIG_KEY
-from prefix_hooks.config import AdapterConfig, PeftType, PrefixTuningConfig
+from prefix_hooks.core.config import AdapterConfig, PeftType
 from prefix_hooks.ia3.config import IA3Config
 from prefix_hooks.lora.config import LoraConfig
+from prefix_hooks.prefix.config import PrefixTuningConfig
 from prefix_hooks.prompt.config import PromptEncoderConfig, PromptTuningConfig
 
 FORMAT_VERSION = 1
@@ -132,7 +133,7 @@ PEFT_FIELD_DEFAULTS: dict[PeftType, dict[str, Any]] = {
     },
 }
 """Every key of PEFT 0.21's config class per method, with PEFT's default in JSON form
-(``tests/test_checkpoint_core.py`` checks this table against the installed PEFT)."""
+(``tests/checkpoint/test_checkpoint_core.py`` checks this table against the installed PEFT)."""
 
 
 def config_class(peft_type: object) -> type[AdapterConfig]:

@@ -18,8 +18,8 @@ from typing import Any
 
 from torch import nn
 
-from prefix_hooks.attachment import Attachment, UndoStack, attachments_of
-from prefix_hooks.shadows import MISSING, restore_attribute
+from prefix_hooks.core.attachment import Attachment, UndoStack, attachments_of
+from prefix_hooks.core.shadows import MISSING, restore_attribute
 
 _NAME = "save_pretrained"
 _lock = threading.Lock()
@@ -34,7 +34,7 @@ def top_level(model: nn.Module) -> list[Attachment]:
 
 def _save_with_adapters(model: nn.Module, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
     from prefix_hooks.checkpoint.api import save_adapter
-    from prefix_hooks.compose import MultiAttachment
+    from prefix_hooks.core.compose import MultiAttachment
 
     result = type(model).save_pretrained(model, save_directory, *args, **kwargs)  # type: ignore[attr-defined]
     handles = top_level(model)

@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from prefix_hooks.families.base import ArchitectureAdapter, AttentionSite, ForwardCall
+from prefix_hooks.core.calls import ForwardCall
+from prefix_hooks.prefix.architecture import ArchitectureAdapter, AttentionSite
 
 if TYPE_CHECKING:
-    from prefix_hooks.config import PrefixTuningConfig
+    from prefix_hooks.prefix.config import PrefixTuningConfig
 
 
 def _config_of(model: nn.Module) -> Any:

@@ -2,13 +2,13 @@
 
 Up to transformers 5.23 these modules compute attention themselves instead of calling the
 attention-function registry. Each such module gets a forward pre-hook
-(:func:`prefix_hooks.cache_view.install_cache_view_hooks`) that swaps its cache argument
+(:func:`prefix_hooks.prefix.cache_view.install_cache_view_hooks`) that swaps its cache argument
 for a view prepending the prefix, and widens its mask by ``P`` columns that every query may
 attend. A family says which attribute holds the layer index and, where needed, how its
 alibi bias grows; the cache argument's name comes from each module's signature.
 
 Since 5.24 GPT-J and CodeGen attend through the registry and pass ``**kwargs`` down to it:
-a module found to call the registry (:func:`prefix_hooks.transformers_compat.attends_through_registry`)
+a module found to call the registry (:func:`prefix_hooks.core.transformers_compat.attends_through_registry`)
 is served by the interposer like any llama-style family, which handles every backend's
 mask (sdpa's implicit causal ``mask=None`` included), and gets no hook. A family whose
 registry calls still need a cache view (Falcon: its layers drop ``**kwargs``, its alibi
@@ -29,23 +29,18 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from prefix_hooks.cache_view import install_cache_view_hooks
-from prefix_hooks.families.base import (
-    ArchitectureAdapter,
-    AttentionSite,
-    CurrentState,
-    ForwardCall,
-    SpliceSource,
-)
-from prefix_hooks.splice import extend_mask
-from prefix_hooks.transformers_compat import MASK_KEYWORD, attends_through_registry
+from prefix_hooks.core.calls import ForwardCall
+from prefix_hooks.core.transformers_compat import MASK_KEYWORD, attends_through_registry
+from prefix_hooks.prefix.architecture import ArchitectureAdapter, AttentionSite, CurrentState, SpliceSource
+from prefix_hooks.prefix.cache_view import install_cache_view_hooks
+from prefix_hooks.prefix.splice import extend_mask
 
 if TYPE_CHECKING:
-    from prefix_hooks.attachment import UndoStack
+    from prefix_hooks.core.attachment import UndoStack
 
 MaskFill = bool | float | None
 """The value of the prefix's mask columns: ``None`` follows the mask's own convention
-(``True``/``0.0`` = attend, as in :func:`prefix_hooks.splice.extend_mask`)."""
+(``True``/``0.0`` = attend, as in :func:`prefix_hooks.prefix.splice.extend_mask`)."""
 
 
 def memoized(state: SpliceSource, tag: str, tensor: torch.Tensor, build: Callable[[], torch.Tensor]) -> torch.Tensor:

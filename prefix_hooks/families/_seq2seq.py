@@ -2,7 +2,7 @@
 
 Sites. An encoder-decoder has encoder self-attention (role ``"encoder"``), decoder
 self-attention (``"decoder"``) and decoder cross-attention (``"cross"``). How they map to
-prefix slots is the :class:`~prefix_hooks.config.EncoderDecoderLayout`:
+prefix slots is the :class:`~prefix_hooks.prefix.config.EncoderDecoderLayout`:
 
 * ``full`` (Li & Liang, ``[PREFIX; x; PREFIX'; y]``): every layer of each kind has its own slot,
   encoder ``0..E-1``, decoder self ``E..E+D-1``, cross ``E+D..E+2D-1``; the depths may differ.
@@ -31,12 +31,13 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from prefix_hooks.config import EncoderDecoderLayout, PrefixTuningConfig
-from prefix_hooks.families.base import ArchitectureAdapter, AttentionSite, CurrentState, ForwardCall
-from prefix_hooks.transformers_compat import CACHE_LENGTH_KEYWORDS, cache_length_keyword, forward_parameters
+from prefix_hooks.core.calls import ForwardCall
+from prefix_hooks.core.transformers_compat import CACHE_LENGTH_KEYWORDS, cache_length_keyword, forward_parameters
+from prefix_hooks.prefix.architecture import ArchitectureAdapter, AttentionSite, CurrentState
+from prefix_hooks.prefix.config import EncoderDecoderLayout, PrefixTuningConfig
 
 if TYPE_CHECKING:
-    from prefix_hooks.attachment import UndoStack
+    from prefix_hooks.core.attachment import UndoStack
 
 ENCODER, DECODER, CROSS = "encoder", "decoder", "cross"
 

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from prefix_hooks.core.calls import ForwardCall
+from prefix_hooks.core.transformers_compat import ALIBI_KEYWORD, alibi_builder
 from prefix_hooks.families._inline import PositionFreeAdapter, memoized, prefix_alibi, widen_alibi
-from prefix_hooks.families.base import ForwardCall, SpliceSource
-from prefix_hooks.transformers_compat import ALIBI_KEYWORD, alibi_builder
+from prefix_hooks.prefix.architecture import SpliceSource
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Falcon: rotary or alibi; multi-query (one kv head), grouped (``new_decoder_architecture``) or full.
 
 Every release served here calls ``layer_past.update`` in the attention module, so the prefix
-always arrives through the module-level cache view (:mod:`prefix_hooks.cache_view`), also
+always arrives through the module-level cache view (:mod:`prefix_hooks.prefix.cache_view`), also
 since transformers 5.25 where the module attends through the registry: its decoder layer does
 not pass ``**kwargs`` down (the per-forward state never reaches the registry function), and
 the registry function receives the module's mask argument unchanged, which is where Falcon's
@@ -28,15 +28,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from prefix_hooks.families._inline import InlineAttentionAdapter, memoized, prefix_alibi, widen_alibi
-from prefix_hooks.families.base import ForwardCall, SpliceSource
-from prefix_hooks.transformers_compat import (
+from prefix_hooks.core.calls import ForwardCall
+from prefix_hooks.core.transformers_compat import (
     ALIBI_KEYWORD,
     MASK_KEYWORD,
     alibi_builder,
     alibi_enabled,
     registry_kv_heads,
 )
+from prefix_hooks.families._inline import InlineAttentionAdapter, memoized, prefix_alibi, widen_alibi
+from prefix_hooks.prefix.architecture import SpliceSource
 
 
 @dataclass(frozen=True)

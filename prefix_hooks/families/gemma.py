@@ -1,6 +1,6 @@
 """Gemma 1/2/3 (text): Llama-style attention; Gemma2 is eager-only, Gemma3 mixes sliding and full layers."""
 
-from prefix_hooks.families.base import ArchitectureAdapter
+from prefix_hooks.prefix.architecture import ArchitectureAdapter
 
 ADAPTER = ArchitectureAdapter(
     name="gemma",

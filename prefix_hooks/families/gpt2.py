@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from prefix_hooks.families.base import ArchitectureAdapter
+from prefix_hooks.prefix.architecture import ArchitectureAdapter
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """GPT-NeoX: fused query_key_value projection, partial rotary; head size is head_size."""
 
-from prefix_hooks.families.base import ArchitectureAdapter
+from prefix_hooks.prefix.architecture import ArchitectureAdapter
 
 ADAPTER = ArchitectureAdapter(
     name="gpt_neox",

@@ -1,6 +1,6 @@
 """Llama: attention through the transformers registry, grouped-query keys/values."""
 
-from prefix_hooks.families.base import ArchitectureAdapter
+from prefix_hooks.prefix.architecture import ArchitectureAdapter
 
 ADAPTER = ArchitectureAdapter(
     name="llama",

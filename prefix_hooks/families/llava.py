@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from prefix_hooks.families.base import ArchitectureAdapter, AttentionSite, CurrentState, ForwardCall
+from prefix_hooks.core.calls import ForwardCall
+from prefix_hooks.prefix.architecture import ArchitectureAdapter, AttentionSite, CurrentState
 
 if TYPE_CHECKING:
-    from prefix_hooks.attachment import UndoStack
-    from prefix_hooks.config import PrefixTuningConfig
+    from prefix_hooks.core.attachment import UndoStack
+    from prefix_hooks.prefix.config import PrefixTuningConfig
 
 
 def language_model(model: nn.Module) -> nn.Module:

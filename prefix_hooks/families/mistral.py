@@ -1,6 +1,6 @@
 """Mistral: Llama's attention with sliding-window masks (the prefix is always visible)."""
 
-from prefix_hooks.families.base import ArchitectureAdapter
+from prefix_hooks.prefix.architecture import ArchitectureAdapter
 
 ADAPTER = ArchitectureAdapter(
     name="mistral",

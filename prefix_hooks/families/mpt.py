@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from prefix_hooks.core.calls import ForwardCall
+from prefix_hooks.core.transformers_compat import POSITION_BIAS_KEYWORD
 from prefix_hooks.families._inline import PositionFreeAdapter, memoized
-from prefix_hooks.families.base import ForwardCall, SpliceSource
-from prefix_hooks.transformers_compat import POSITION_BIAS_KEYWORD
+from prefix_hooks.prefix.architecture import SpliceSource
 
 
 def widen_position_bias(bias: torch.Tensor, num_prefix: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from prefix_hooks.families.base import ArchitectureAdapter, PositionInputs
+from prefix_hooks.prefix.architecture import ArchitectureAdapter, PositionInputs
 
 
 @dataclass(frozen=True)

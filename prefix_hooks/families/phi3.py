@@ -1,6 +1,6 @@
 """Phi-3: a fused qkv projection, grouped-query keys/values."""
 
-from prefix_hooks.families.base import ArchitectureAdapter
+from prefix_hooks.prefix.architecture import ArchitectureAdapter
 
 ADAPTER = ArchitectureAdapter(
     name="phi3",

@@ -1,6 +1,6 @@
 """Qwen2: Llama-style attention with biased projections."""
 
-from prefix_hooks.families.base import ArchitectureAdapter
+from prefix_hooks.prefix.architecture import ArchitectureAdapter
 
 ADAPTER = ArchitectureAdapter(
     name="qwen2",

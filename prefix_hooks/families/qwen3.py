@@ -1,6 +1,6 @@
 """Qwen3: Llama-style attention with an explicit head_dim and q/k norms (applied before the prefix splice)."""
 
-from prefix_hooks.families.base import ArchitectureAdapter
+from prefix_hooks.prefix.architecture import ArchitectureAdapter
 
 ADAPTER = ArchitectureAdapter(
     name="qwen3",

@@ -24,13 +24,14 @@ import torch
 from torch import nn
 from transformers.cache_utils import EncoderDecoderCache
 
-from prefix_hooks.config import EncoderDecoderLayout
+from prefix_hooks.core.calls import ForwardCall
+from prefix_hooks.core.transformers_compat import find_cache, forward_parameters
 from prefix_hooks.families._seq2seq import CROSS, DECODER, ENCODER, EncoderDecoderAdapter, Seq2SeqSite
-from prefix_hooks.families.base import CurrentState, ForwardCall
-from prefix_hooks.transformers_compat import find_cache, forward_parameters
+from prefix_hooks.prefix.architecture import CurrentState
+from prefix_hooks.prefix.config import EncoderDecoderLayout
 
 if TYPE_CHECKING:
-    from prefix_hooks.attachment import UndoStack
+    from prefix_hooks.core.attachment import UndoStack
 
 
 @dataclass(frozen=True)

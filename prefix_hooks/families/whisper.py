@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from prefix_hooks.families._seq2seq import ENCODER, EncoderDecoderAdapter, Seq2SeqSite
-from prefix_hooks.families.base import CurrentState
+from prefix_hooks.prefix.architecture import CurrentState
 
 if TYPE_CHECKING:
-    from prefix_hooks.attachment import UndoStack
+    from prefix_hooks.core.attachment import UndoStack
 
 
 @dataclass(frozen=True)

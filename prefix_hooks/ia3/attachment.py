@@ -23,14 +23,15 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 from torch import nn
 
-from prefix_hooks.disabled_blocks import DisabledBlocks
-from prefix_hooks.attachment import Attachment, UndoStack, freeze_parameters, register_child
-from prefix_hooks.devices import offload_aware_device
+from prefix_hooks.core import swaps
+from prefix_hooks.core.attachment import Attachment, UndoStack, freeze_parameters, register_child
+from prefix_hooks.core.checkpoints import built_or_loaded
+from prefix_hooks.core.devices import offload_aware_device
+from prefix_hooks.core.disabled_blocks import DisabledBlocks
+from prefix_hooks.core.saved_modules import SavedModules
 from prefix_hooks.ia3 import scaling
 from prefix_hooks.ia3.config import IA3Config
 from prefix_hooks.ia3.targets import Target, select_targets, task_modules_to_save
-from prefix_hooks.lora import swaps
-from prefix_hooks.saved_modules import SavedModules
 
 PEFT_PREFIX = "base_model.model."
 """Prefix of every key PEFT saves for a non-prompt-learning adapter."""
@@ -79,7 +80,7 @@ class IA3Attachment(Attachment):
         config: the :class:`IA3Config`.
         targets: the scaled modules, in ``named_modules()`` order.
         modules_to_save_names: qualified names of the modules trained as full copies.
-        saved_modules: those copies (see :mod:`prefix_hooks.saved_modules`).
+        saved_modules: those copies (see :mod:`prefix_hooks.core.saved_modules`).
     """
 
     def __init__(self, model: nn.Module, config: IA3Config, adapter_name: str = "default") -> None:
@@ -317,8 +318,4 @@ def attach_ia3(
         ...     handle.merge()                              # fast inference inside the block
         >>> # here `model` is exactly the model it was before
     """
-    if isinstance(config, (str, os.PathLike)):  # a saved adapter folder or hub id
-        from prefix_hooks.checkpoint.api import load_adapter_as
-
-        return load_adapter_as(model, config, IA3Attachment, adapter_name)
-    return IA3Attachment(model, config, adapter_name)
+    return built_or_loaded(model, config, IA3Attachment, adapter_name)

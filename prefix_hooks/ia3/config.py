@@ -12,7 +12,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from prefix_hooks.config import AdapterConfig, PeftType, TaskType
+from prefix_hooks.core.config import AdapterConfig, PeftType, TaskType
 from prefix_hooks.lora.config import _check_bool, _module_filter, _names
 
 IA3_PEFT_TYPE = PeftType.IA3

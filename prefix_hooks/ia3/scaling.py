@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from transformers.pytorch_utils import Conv1D
 
-from prefix_hooks.attachment import _disabled
+from prefix_hooks.core.attachment import _disabled
 
 lock = threading.RLock()
 """Held while (IA)^3 vectors are added to, removed from, merged into or unmerged from modules."""

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from prefix_hooks.config import TaskType
+from prefix_hooks.core.config import TaskType
+from prefix_hooks.core.legacy_names import legacy_module_names, spellings
 from prefix_hooks.ia3.config import IA3Config
-from prefix_hooks.legacy_names import legacy_module_names, spellings
 from prefix_hooks.lora.config import ALL_LINEAR
 from prefix_hooks.lora.targets import (
     TASK_MODULES_TO_SAVE,
@@ -199,7 +199,7 @@ def select_targets(model: nn.Module, config: IA3Config, *, legacy_names: bool = 
     """The modules of ``model`` that get a vector, in ``named_modules()`` order.
 
     With ``legacy_names`` a module renamed by transformers 5 also matches (and is a
-    feed-forward target) by its old name (:mod:`prefix_hooks.legacy_names`).
+    feed-forward target) by its old name (:mod:`prefix_hooks.core.legacy_names`).
 
     Raises:
         ValueError: no module matches; a matched module is not an ``nn.Linear`` / ``Conv1D``;

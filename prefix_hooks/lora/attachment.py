@@ -3,7 +3,7 @@
 On attach, in this order (each step undone on detach, in reverse):
 
 1. the first LoRA adapter of the model freezes every base parameter and hooks the root
-   for the ``adapter_names=[...]`` forward keyword (shared, see :mod:`prefix_hooks.lora.swaps`);
+   for the ``adapter_names=[...]`` forward keyword (shared, see :mod:`prefix_hooks.core.swaps`);
 2. every target module ``parent.child`` is replaced by a LoRA layer (made by the first
    adapter that targets it, shared by later ones) and this adapter's factors are lent to it;
 3. every ``modules_to_save`` module is replaced by a :class:`ModulesToSaveWrapper` and this
@@ -29,14 +29,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from prefix_hooks.disabled_blocks import DisabledBlocks
-from prefix_hooks.attachment import Attachment, UndoStack, attachments_of
-from prefix_hooks.lora import swaps
+from prefix_hooks.core import swaps
+from prefix_hooks.core.attachment import Attachment, UndoStack, attachments_of
+from prefix_hooks.core.checkpoints import built_or_loaded
+from prefix_hooks.core.disabled_blocks import DisabledBlocks
+from prefix_hooks.core.modules_to_save import ModulesToSaveWrapper
+from prefix_hooks.core.rows import adapter_rows_context
+from prefix_hooks.core.switch import Switch
 from prefix_hooks.lora.config import LoraConfig
 from prefix_hooks.lora.layers import LoraLayer, wrap_module
-from prefix_hooks.lora.modules_to_save import ModulesToSaveWrapper
-from prefix_hooks.lora.rows import adapter_rows_context
-from prefix_hooks.lora.switch import Switch
 from prefix_hooks.lora.targets import select_modules_to_save, select_targets, task_modules_to_save
 
 
@@ -534,8 +535,4 @@ def attach_lora(
         ...     handle.merge()            # fast inference inside the block
         >>> # here `model` is exactly the model it was before
     """
-    if isinstance(config, (str, os.PathLike)):  # a saved adapter folder or hub id
-        from prefix_hooks.checkpoint.api import load_adapter_as
-
-        return load_adapter_as(model, config, LoraAttachment, adapter_name)
-    return LoraAttachment(model, config, adapter_name)
+    return built_or_loaded(model, config, LoraAttachment, adapter_name)

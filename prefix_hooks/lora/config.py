@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from prefix_hooks.config import AdapterConfig, PeftType, TaskType
+from prefix_hooks.core.config import AdapterConfig, PeftType, TaskType
 
 ALL_LINEAR = "all-linear"
 """``target_modules`` shorthand (case-insensitive, as PEFT): every Linear / Conv1D but the output head."""
@@ -134,7 +134,7 @@ class LoraConfig(AdapterConfig):
             biases of the target modules train).
         modules_to_save: modules (exact name or dotted suffix) trained as full copies,
             e.g. a freshly initialised ``"classifier"`` head.
-        task_type: the model's task (:class:`~prefix_hooks.config.TaskType`); as in PEFT,
+        task_type: the model's task (:class:`~prefix_hooks.core.config.TaskType`); as in PEFT,
             ``SEQ_CLS`` / ``TOKEN_CLS`` also save ``classifier`` / ``score`` and
             ``QUESTION_ANS`` saves ``qa_outputs`` (see ``targets.modules_to_save_names``).
         inference_mode: adapters are built frozen.

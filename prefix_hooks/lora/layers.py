@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from prefix_hooks.devices import offload_aware_device
-from prefix_hooks.lora.rows import BASE_ROW, current_adapter_rows
-from prefix_hooks.lora.switch import Switch, switched_off
+from prefix_hooks.core.devices import offload_aware_device
+from prefix_hooks.core.rows import BASE_ROW, current_adapter_rows
+from prefix_hooks.core.switch import Switch, switched_off
 
 InitLoraWeights = bool | Literal["gaussian"]
 """``True``: A Kaiming-uniform, B zero; ``"gaussian"``: A normal(std=1/r), B zero; ``False``: both random.
@@ -59,7 +59,7 @@ class LoraLayer(nn.Module):
         r, lora_alpha, scaling: adapter name -> rank, alpha, ``alpha / r`` (or ``/ sqrt(r)``).
         active_adapters: the adapters added to the output (default: every added adapter,
             in the order they were added).
-        switches: adapter name -> its handle's :class:`~prefix_hooks.lora.switch.Switch`, which
+        switches: adapter name -> its handle's :class:`~prefix_hooks.core.switch.Switch`, which
             ``disabled()`` turns off in one thread / async task; an adapter without one is
             never switched off that way.
         disabled: when True the forward is exactly ``base_layer(x)`` in every thread (merged
@@ -204,7 +204,7 @@ class LoraLayer(nn.Module):
 
         An adapter whose handle's ``disabled()`` block is open in the calling thread (or async
         task) adds nothing there; forwards elsewhere keep it (see :attr:`switches`). Under
-        :func:`prefix_hooks.lora.rows.adapter_rows_context` row ``b`` (dim 0 of ``x``) gets only
+        :func:`prefix_hooks.core.rows.adapter_rows_context` row ``b`` (dim 0 of ``x``) gets only
         the adapter named ``rows[b]``, active, disabled or neither (``"__base__"`` or an adapter
         this layer does not hold: none).
 

@@ -1,7 +1,7 @@
 """Which modules of a model get a LoRA adapter, and which are saved as trainable copies.
 
 The rules are PEFT 0.21's, so a config selects the same modules here as in
-``peft.get_peft_model`` (checked against PEFT in ``tests/test_lora_targets.py``):
+``peft.get_peft_model`` (checked against PEFT in ``tests/lora/test_lora_targets.py``):
 
 * ``target_modules`` as a list: a module is a target when its qualified name equals an
   entry or ends with ``"." + entry``; a string is a regular expression that must match the
@@ -12,7 +12,7 @@ The rules are PEFT 0.21's, so a config selects the same modules here as in
 * ``layers_to_transform`` keeps only list matches in the given layers (an entry equal to the
   full qualified name is kept whatever its layer, as in PEFT).
 * Beyond PEFT: a module transformers 5 renamed also matches by its old name
-  (:mod:`prefix_hooks.legacy_names`), so configs written for transformers 4 still select it.
+  (:mod:`prefix_hooks.core.legacy_names`), so configs written for transformers 4 still select it.
 
 Selection only reads the model; nothing is mutated.
 """
@@ -26,8 +26,8 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from prefix_hooks.config import TaskType
-from prefix_hooks.legacy_names import legacy_module_names, spellings
+from prefix_hooks.core.config import TaskType
+from prefix_hooks.core.legacy_names import legacy_module_names, spellings
 from prefix_hooks.lora.config import ALL_LINEAR, LoraConfig
 
 __all__ = [
@@ -219,7 +219,7 @@ def select_targets(model: nn.Module, config: LoraConfig, *, legacy_names: bool =
 
     An adapter layer already in the model (from another attachment) counts as the module it
     wraps; its insides are never targets. With ``legacy_names`` a module renamed by
-    transformers 5 also matches by its old name (:mod:`prefix_hooks.legacy_names`), so
+    transformers 5 also matches by its old name (:mod:`prefix_hooks.core.legacy_names`), so
     ``["query", "value"]`` selects a ViT's ``q_proj`` / ``v_proj``.
 
     Raises:

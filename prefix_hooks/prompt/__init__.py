@@ -5,6 +5,7 @@
 ...     trainer.train()
 """
 
+from prefix_hooks.core.compose import register_method
 from prefix_hooks.prompt.attachment import PromptAttachment, attach_prompt
 from prefix_hooks.prompt.config import (
     PromptConfig,
@@ -28,3 +29,6 @@ __all__ = [
     "PromptTuningInit",
     "attach_prompt",
 ]
+
+register_method(PromptTuningConfig, attach_prompt)
+register_method(PromptEncoderConfig, attach_prompt)

@@ -7,7 +7,7 @@ this order (each step undone on detach, in reverse):
 2. the prompt module is registered under the model as ``prompt_hooks_<adapter>`` (so
    ``model.parameters()`` and Trainer's optimizer see it);
 3. the ``forward`` of every module that takes the token inputs is shadowed by an instance
-   attribute (:mod:`prefix_hooks.shadows`), so the prompt goes in however the model is invoked
+   attribute (:mod:`prefix_hooks.core.shadows`), so the prompt goes in however the model is invoked
    (``model(...)``, ``model.forward(...)``, ``model.model(...)`` / ``model.bert(...)`` and their
    ``forward``; sentence-transformers calls ``forward`` directly, which skips forward hooks).
    Those modules are the model and the modules under it that own the same token embedding
@@ -44,12 +44,15 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache
 
-from prefix_hooks import parameter_versions
-from prefix_hooks.attachment import Attachment, Hold, UndoStack, attachments_of, freeze_parameters, register_child
-from prefix_hooks.config import TaskType
-from prefix_hooks.devices import compute_device
-from prefix_hooks.families.base import ForwardCall
-from prefix_hooks.prefix import PrefixAttachment
+from prefix_hooks.core import parameter_versions
+from prefix_hooks.core.attachment import Attachment, Hold, UndoStack, attachments_of, freeze_parameters, register_child
+from prefix_hooks.core.calls import ForwardCall
+from prefix_hooks.core.checkpoints import built_or_loaded
+from prefix_hooks.core.config import TaskType
+from prefix_hooks.core.devices import compute_device
+from prefix_hooks.core.saved_modules import SavedModules, task_heads
+from prefix_hooks.core.shadows import shadow_attribute, shadow_forward
+from prefix_hooks.core.transformers_compat import find_cache, output_cache, require_known_cache_parameter
 from prefix_hooks.prompt.cache import PromptCacheView, real_cache
 from prefix_hooks.prompt.config import PromptEncoderConfig, PromptTuningConfig
 from prefix_hooks.prompt.inputs import (
@@ -69,9 +72,6 @@ from prefix_hooks.prompt.modules import (
     resolve_prompt_config,
     token_embeddings,
 )
-from prefix_hooks.saved_modules import SavedModules, task_heads
-from prefix_hooks.shadows import shadow_attribute, shadow_forward
-from prefix_hooks.transformers_compat import find_cache, output_cache, require_known_cache_parameter
 
 _PER_TOKEN_TASKS = frozenset({TaskType.CAUSAL_LM, TaskType.TOKEN_CLS})
 _PER_TOKEN_CLASS_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForTokenClassification", "ForMaskedLM")
@@ -219,6 +219,8 @@ class PromptAttachment(Attachment):
             ``SEQ_CLS`` / ``TOKEN_CLS`` / ``QUESTION_ANS``), swapped in while attached.
     """
 
+    virtual_tokens = "prompt"
+
     _transient_attributes = ("_caches",)
 
     def __init__(
@@ -273,10 +275,9 @@ class PromptAttachment(Attachment):
     # --- attach -----------------------------------------------------------------------
     def _check_can_attach(self) -> None:
         for other in attachments_of(self.model):
-            if isinstance(other, (PromptAttachment, PrefixAttachment)):
-                kind = "prompt" if isinstance(other, PromptAttachment) else "prefix"
+            if other.virtual_tokens is not None:
                 raise RuntimeError(
-                    f"the model already carries the {kind} adapter {other.adapter_name!r}; a prompt cannot be combined "
+                    f"the model already carries the {other.virtual_tokens} adapter {other.adapter_name!r}; a prompt cannot be combined "
                     "with another prompt or a prefix. Detach it first"
                 )
         if hasattr(self.model, self._child_name):
@@ -511,8 +512,4 @@ def attach_prompt(
         >>> with attach_prompt(model, PromptTuningConfig(num_virtual_tokens=20)) as handle:
         ...     trainer.train()
     """
-    if isinstance(config, (str, os.PathLike)):  # a saved adapter folder or hub id
-        from prefix_hooks.checkpoint.api import load_adapter_as
-
-        return load_adapter_as(model, config, PromptAttachment, adapter_name)
-    return PromptAttachment(model, config, adapter_name)
+    return built_or_loaded(model, config, PromptAttachment, adapter_name)

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from prefix_hooks.config import AdapterConfig, PeftType, TaskType, check_positive_int
+from prefix_hooks.core.config import AdapterConfig, PeftType, TaskType, check_positive_int
 
 
 class PromptTuningInit(str, enum.Enum):

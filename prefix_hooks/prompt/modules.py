@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer
 
-from prefix_hooks.devices import offload_aware_device
-from prefix_hooks.parameter_versions import parameter_key
+from prefix_hooks.core.devices import offload_aware_device
+from prefix_hooks.core.parameter_versions import parameter_key
 from prefix_hooks.prompt.config import (
     PromptConfig,
     PromptEncoderConfig,

@@ -18,11 +18,11 @@ from transformers.pytorch_utils import Conv1D
 
 from prefix_hooks.checkpoint.codec import SavedAdapter, register_codec
 from prefix_hooks.checkpoint.state_dicts import check_state_dict, cpu_copies, loading_config
+from prefix_hooks.core import swaps
+from prefix_hooks.core.legacy_names import current_keys
 from prefix_hooks.ia3.attachment import IA3Attachment
 from prefix_hooks.ia3.config import IA3Config
 from prefix_hooks.ia3.targets import select_targets
-from prefix_hooks.legacy_names import current_keys
-from prefix_hooks.lora import swaps
 
 
 class IA3Codec:

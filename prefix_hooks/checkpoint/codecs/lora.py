@@ -35,8 +35,8 @@ from transformers.pytorch_utils import Conv1D
 
 from prefix_hooks.checkpoint.codec import SavedAdapter, register_codec
 from prefix_hooks.checkpoint.state_dicts import check_state_dict, copy_into, cpu_copies, loading_config, some
-from prefix_hooks.legacy_names import current_keys
-from prefix_hooks.lora import swaps
+from prefix_hooks.core import swaps
+from prefix_hooks.core.legacy_names import current_keys
 from prefix_hooks.lora.attachment import LoraAttachment
 from prefix_hooks.lora.config import LoraConfig
 from prefix_hooks.lora.targets import select_targets

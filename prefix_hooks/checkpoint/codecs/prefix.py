@@ -33,10 +33,10 @@ from torch import nn
 
 from prefix_hooks.checkpoint.codec import SavedAdapter, register_codec
 from prefix_hooks.checkpoint.state_dicts import check_state_dict, copy_into, cpu_copies
-from prefix_hooks.config import EncoderDecoderLayout, PrefixTuningConfig
-from prefix_hooks.prefix import PrefixAttachment
-from prefix_hooks.prefix_encoder import PrefixEncoder
-from prefix_hooks.saved_modules import SavedModules
+from prefix_hooks.core.saved_modules import SavedModules
+from prefix_hooks.prefix.attachment import PrefixAttachment
+from prefix_hooks.prefix.config import EncoderDecoderLayout, PrefixTuningConfig
+from prefix_hooks.prefix.encoder import PrefixEncoder
 
 PROMPT_KEY = "prompt_embeddings"
 """PEFT's key of the folded prompt (prefix tuning, prompt tuning and P-tuning)."""
