@@ -7,7 +7,7 @@
 Methods: prefix tuning (:func:`attach_prefix`), LoRA (:func:`attach_lora`), prompt tuning and
 P-tuning (:func:`attach_prompt`), IA3 (:func:`attach_ia3`); several at once with :func:`attach`.
 
-Layout (dependencies point down; ``tests/test_layering.py`` keeps them so): this module on top;
+Layout (dependencies point down; ``tests/core/test_layering.py`` keeps them so): this module on top;
 :mod:`.checkpoint` (PEFT's folders); :mod:`.families` (one module per architecture); the methods
 :mod:`.prefix`, :mod:`.prompt`, :mod:`.lora`, :mod:`.ia3`; :mod:`.core` (lifecycle, shared config,
 compatibility with transformers). See ``docs/architecture.md``.
@@ -15,8 +15,8 @@ compatibility with transformers). See ``docs/architecture.md``.
 
 import logging
 
-from prefix_hooks.core import moved as _moved
 from prefix_hooks.checkpoint import CheckpointError, SaveAdapterCallback, load_adapter, save_adapter
+from prefix_hooks.core import moved as _moved
 from prefix_hooks.core import transformers_compat as _transformers_compat
 from prefix_hooks.core.attachment import Attachment, attachments_of
 from prefix_hooks.core.compose import MultiAttachment, attach, register_method

@@ -1,20 +1,16 @@
-"""The attach/detach lifecycle shared by every adapter method.
+"""The attach/detach lifecycle shared by every adapter method: :class:`Attachment`.
 
 An :class:`Attachment` is built (and validated) once, then attached and detached any
 number of times: as a context manager, as a decorator, or by hand. Attaching records
-an undo action for every mutation it makes; detaching runs them in reverse, always
-to the end, so the model returns to exactly the state it had before (the *previous*
-state in nested blocks, not a default).
+an undo action for every mutation it makes (:mod:`prefix_hooks.core.undo`); detaching runs
+them in reverse, always to the end, so the model returns to exactly the state it had before
+(the *previous* state in nested blocks, not a default).
 
-Copies. ``copy.deepcopy`` (an EMA copy, ``torch.optim.swa_utils.AveragedModel``) and ``pickle``
-/ ``torch.save`` of an attached model give a model that carries its own attached adapter: the
-adapter's modules are copied with the model, the copy's hooks and shadows run the copy's
-attachment, and ``attachments_of(copy)`` holds it, so it detaches on its own and leaves the
-original alone. This works because everything an attachment leaves in the model and every undo
-action is rebuilt by the copy with references to the copy (bound methods, ``functools.partial``
-of module-level functions, :class:`Hold`; never closures): :meth:`Attachment.__getstate__`
-refuses, with an error naming the step, to copy an attachment whose undo actions or hooks are
-not.
+A copy of an attached model (``copy.deepcopy``, ``pickle``) carries its own attached adapter;
+see :mod:`prefix_hooks.core.copies`.
+
+The pieces every method uses while attaching are importable from here too: :class:`UndoStack`,
+:class:`Hold`, :func:`attachments_of`, :func:`freeze_parameters`, :func:`register_child`.
 """
 
 from __future__ import annotations
@@ -22,163 +18,29 @@ from __future__ import annotations
 import abc
 import contextlib
 import contextvars
-import functools
-import inspect
 import logging
 import os
 import threading
-import types
-import weakref
 from collections.abc import Callable, Iterator
-from typing import Any, ClassVar, TypeVar, cast
+from typing import Any, ClassVar, TypeVar
 
-import wrapt
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from prefix_hooks.core import compiled
+from prefix_hooks.core.attached import attachments_of, track, track_copy
 from prefix_hooks.core.checkpoints import checkpoint_format
+from prefix_hooks.core.context_decorator import entered_while_running
+from prefix_hooks.core.copies import copy_blockers, copyable_state, release_holds_when_dropped, restored_state
+from prefix_hooks.core.mutations import freeze_parameters, register_child
+from prefix_hooks.core.undo import Hold, UndoStack
+
+__all__ = ["Attachment", "Hold", "UndoStack", "attachments_of", "freeze_parameters", "register_child"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 A = TypeVar("A", bound="Attachment")
 
-
-class UndoStack:
-    """Undo actions run last-in first-out; every action runs even if one fails."""
-
-    def __init__(self) -> None:
-        self._actions: list[Callable[[], None]] = []
-
-    def push(self, action: Callable[[], None]) -> None:
-        self._actions.append(action)
-
-    def unwind(self) -> None:
-        """Run every action in reverse; re-raise the first failure after all have run."""
-        first_error: BaseException | None = None
-        while self._actions:
-            action = self._actions.pop()
-            try:
-                action()
-            except BaseException as error:  # noqa: BLE001 - restoration must finish first
-                first_error = first_error or error
-        if first_error is not None:
-            raise first_error
-
-    def actions(self) -> list[Callable[[], None]]:
-        """The pending actions, in the order they were pushed."""
-        return list(self._actions)
-
-
-_hold_lock = threading.Lock()
-
-
-class Hold:
-    """One count of a process-wide, refcounted resource (acquired now); calling it releases the count.
-
-    Used as the undo action of ``acquire()`` / ``release()`` pairs (the attention interposer, the
-    optimizer-step counter). A copy of an attached model (``copy.deepcopy``, unpickling) rebuilds
-    its Holds, which acquires again: the copy's detach releases the copy's counts, never the
-    original's. Releasing twice is a no-op (a copy dropped without detach releases from a finalizer).
-    """
-
-    __slots__ = ("_acquire", "_held", "_release")
-
-    def __init__(self, acquire: Callable[[], None], release: Callable[[], None]) -> None:
-        acquire()
-        self._acquire, self._release, self._held = acquire, release, True
-
-    def __call__(self) -> None:
-        with _hold_lock:
-            held, self._held = self._held, False
-        if held:
-            self._release()
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (Hold, (self._acquire, self._release))
-
-
-def _release_holds(holds: list[Hold]) -> None:
-    for hold in holds:
-        hold()
-
-
 # ids of the attachments disabled in the current thread / async task
 _disabled: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("prefix_hooks_disabled", default=frozenset())
-
-# model -> attachments currently attached to it, oldest first. Attachments made by copying a model
-# are held weakly: the copy's own shadows keep them alive, and a strong entry would keep the copy
-# (its weak key) alive forever through the attachment's reference to it.
-_attached: weakref.WeakKeyDictionary[nn.Module, list[Attachment | weakref.ref[Attachment]]] = (
-    weakref.WeakKeyDictionary()
-)
-_attached_lock = threading.Lock()
-
-
-def _resolve(entry: Attachment | weakref.ref[Attachment]) -> Attachment | None:
-    return entry() if isinstance(entry, weakref.ref) else entry
-
-
-def attachments_of(model: nn.Module) -> list[Attachment]:
-    """The attachments currently attached to ``model``, oldest first (on a copy of an attached model:
-    the copy's own attachments, which detach without touching the original)."""
-    with _attached_lock:
-        found = (_resolve(entry) for entry in _attached.get(model, ()))
-        return [attachment for attachment in found if attachment is not None]
-
-
-def _untrack(attachment: Attachment) -> None:
-    with _attached_lock:
-        stack = _attached.get(attachment.model, [])
-        stack[:] = [entry for entry in stack if _resolve(entry) not in (attachment, None)]
-        if not stack:
-            _attached.pop(attachment.model, None)
-
-
-def freeze_parameters(model: nn.Module, undo: UndoStack) -> None:
-    """Set ``requires_grad=False`` on every base parameter of ``model``; undo restores each flag.
-
-    Parameters of the adapters already attached to ``model`` (their ``adapter_modules()``
-    and ``trained_base_parameters()``) are left as they are, so methods attached together
-    (prefix + LoRA) all stay trainable.
-    """
-    attached = attachments_of(model)
-    adapter_ids = {id(parameter) for attachment in attached for parameter in attachment.parameters()}
-    adapter_ids |= {id(parameter) for attachment in attached for parameter in attachment.trained_base_parameters()}
-    # recorded by (module, name): a wrapper may replace the parameter objects while attached
-    # (FSDP2's fully_shard swaps in DTensor parameters), and the flags belong to whatever is there
-    flags = [
-        (module, name, parameter.requires_grad)
-        for module in model.modules()
-        for name, parameter in module._parameters.items()
-        if parameter is not None and id(parameter) not in adapter_ids
-    ]
-
-    undo.push(functools.partial(_restore_flags, flags))
-    for module, name, _ in flags:
-        module._parameters[name].requires_grad_(False)  # type: ignore[union-attr]
-
-
-def _restore_flags(flags: list[tuple[nn.Module, str, bool]]) -> None:
-    for module, name, flag in flags:
-        parameter = module._parameters.get(name)
-        if parameter is not None:
-            parameter.requires_grad_(flag)
-
-
-def register_child(model: nn.Module, name: str, child: nn.Module, undo: UndoStack) -> None:
-    """Register ``child`` under ``model`` so ``model.parameters()`` yields its parameters.
-
-    Raises:
-        ValueError: ``name`` is already an attribute of ``model``.
-    """
-    if hasattr(model, name):
-        raise ValueError(f"cannot register the adapter as {name!r}: {type(model).__name__} already has that attribute")
-    model._modules[name] = child  # appended last, so parameter order before it is unchanged
-    undo.push(functools.partial(_unregister_child, model, name))
-
-
-def _unregister_child(model: nn.Module, name: str) -> None:
-    del model._modules[name]
 
 
 def _shadow_save_pretrained(model: nn.Module, undo: UndoStack) -> None:
@@ -190,47 +52,6 @@ def _shadow_save_pretrained(model: nn.Module, undo: UndoStack) -> None:
 
 logger = logging.getLogger(__name__)
 """Attach/detach events at INFO, failed attaches at DEBUG (silent unless the application configures logging)."""
-
-
-class _FreshContextVar:
-    """In a copied attachment's state: a per-thread variable to create anew (``default=None``)."""
-
-    __slots__ = ("name",)
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_FreshContextVar, (self.name,))
-
-
-def _closure_free(function: object) -> bool:
-    return isinstance(function, types.FunctionType) and function.__closure__ is None
-
-
-def _not_rebound(action: Callable[[], None]) -> str | None:
-    """Why the undo ``action`` of an attached model would still act on the original in a copy, else ``None``.
-
-    Rebound: a :class:`Hold`; a bound method (its object is copied with the model), unless it removes
-    a hook that is a closure; a ``functools.partial`` of a module-level function or bound method (its
-    arguments are copied). Not rebound: closures and lambdas (copied as the same function object, with
-    the original's cells), bare functions (they act on process state a copy does not hold).
-    """
-    if isinstance(action, Hold):
-        return None
-    if isinstance(action, functools.partial) and (
-        _closure_free(action.func) or isinstance(action.func, types.MethodType)
-    ):
-        return None
-    if isinstance(action, types.MethodType) and _closure_free(action.__func__):
-        handle = action.__self__
-        if isinstance(handle, RemovableHandle):
-            hooks = handle.hooks_dict_ref()
-            hook = None if hooks is None else hooks.get(handle.id)
-            if isinstance(hook, types.FunctionType) and hook.__closure__ is not None:
-                return f"the hook {hook.__qualname__} (a closure)"
-        return None
-    return f"the detach step {getattr(action, '__qualname__', repr(action))}"
 
 
 def _counted_numel(parameter: nn.Parameter) -> int:
@@ -312,7 +133,7 @@ class Attachment(abc.ABC):
                 undo = UndoStack()
                 try:
                     self._install(undo)
-                    self._track(undo)
+                    track(self, undo)
                     _shadow_save_pretrained(self.model, undo)
                 except BaseException:
                     undo.unwind()
@@ -349,11 +170,6 @@ class Attachment(abc.ABC):
                 undo.unwind()
                 logger.info("detached %s; the model is restored", self._describe().replace(" to ", " from ", 1))
 
-    def _track(self, undo: UndoStack) -> None:
-        with _attached_lock:
-            _attached.setdefault(self.model, []).append(self)
-        undo.push(functools.partial(_untrack, self))
-
     def _attached_after(self) -> list[Attachment]:
         stack = attachments_of(self.model)
         return stack[stack.index(self) + 1 :] if self in stack else []
@@ -373,34 +189,25 @@ class Attachment(abc.ABC):
 
         Copied together with its model (``copy.deepcopy(model)``), the attachment's references to the
         model and its modules become references to the copy's, and so do its undo actions: the copy
-        carries its own attached adapter (see the module docstring).
+        carries its own attached adapter (see :mod:`prefix_hooks.core.copies`).
 
         Raises:
             TypeError: an undo action or hook of this attachment would still act on the original
                 model from the copy (a closure); the message names it.
         """
-        blockers = self._copy_blockers()
+        blockers = copy_blockers(self._undo)
         if blockers:
             raise TypeError(
                 f"cannot copy {self._describe()} while it is attached: {'; '.join(blockers)} would act on the "
                 "original model from the copy. Detach it before copying, or copy the adapter's weights "
                 "(handle.save / state_dict) instead"
             )
-        state = dict(self.__dict__)
-        for name in ("_lock", *self._transient_attributes):
-            state.pop(name, None)
-        for name, value in state.items():
-            if isinstance(value, contextvars.ContextVar):
-                state[name] = _FreshContextVar(value.name)
-        return state
+        return copyable_state(self.__dict__, ("_lock", *self._transient_attributes))
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Finish a copy: new lock, empty per-thread state; an attached copy registers as attached to its
         model (``attachments_of(copy)``) with one level of attachment, so one ``detach()`` restores it."""
-        for name, value in state.items():
-            if isinstance(value, _FreshContextVar):
-                state[name] = contextvars.ContextVar(value.name, default=None)
-        self.__dict__.update(state)
+        self.__dict__.update(restored_state(state))
         self._lock = threading.RLock()
         self._reset_transient()
         if self._depth and any(other._undo is self._undo for other in attachments_of(self.model)):
@@ -410,17 +217,9 @@ class Attachment(abc.ABC):
             )
         if self._depth:
             self._depth = 1
-            with _attached_lock:
-                _attached.setdefault(self.model, []).append(weakref.ref(self))
+            track_copy(self)
             assert self._undo is not None
-            holds = [action for action in self._undo.actions() if isinstance(action, Hold)]
-            weakref.finalize(self, _release_holds, holds)  # a copy dropped without detach frees its counts
-
-    def _copy_blockers(self) -> list[str]:
-        """The undo actions (and the hooks they remove) that a copy could not rebind to itself."""
-        if self._undo is None:
-            return []
-        return [reason for action in self._undo.actions() if (reason := _not_rebound(action)) is not None]
+            release_holds_when_dropped(self, self._undo)  # a copy dropped without detach frees its counts
 
     def __enter__(self: A) -> A:
         return self.attach()
@@ -433,39 +232,7 @@ class Attachment(abc.ABC):
 
         Generators and coroutines keep the adapter attached until they finish.
         """
-        attachment = self
-        if inspect.isasyncgenfunction(wrapped):
-
-            @wrapt.decorator
-            async def async_gen_wrapper(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-                with attachment:
-                    async for item in wrapped(*args, **kwargs):
-                        yield item
-
-            return cast(F, async_gen_wrapper(wrapped))
-        if inspect.iscoroutinefunction(wrapped):
-
-            @wrapt.decorator
-            async def coroutine_wrapper(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-                with attachment:
-                    return await wrapped(*args, **kwargs)
-
-            return cast(F, coroutine_wrapper(wrapped))
-        if inspect.isgeneratorfunction(wrapped):
-
-            @wrapt.decorator
-            def generator_wrapper(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-                with attachment:
-                    return (yield from wrapped(*args, **kwargs))
-
-            return cast(F, generator_wrapper(wrapped))
-
-        @wrapt.decorator
-        def wrapper(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-            with attachment:
-                return wrapped(*args, **kwargs)
-
-        return cast(F, wrapper(wrapped))
+        return entered_while_running(self, wrapped)
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:

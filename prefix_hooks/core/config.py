@@ -9,6 +9,7 @@ A config says what the user wants; each method's config subclasses :class:`Adapt
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import enum
 import os
@@ -89,7 +90,8 @@ class AdapterConfig:
             raise ValueError(f"inference_mode={self.inference_mode!r} is not accepted; expected a bool (True or False)")
 
     def to_dict(self) -> dict[str, Any]:
-        """Flat JSON-ready dict of every field, our names (enums as strings, sets as sorted lists)."""
+        """Flat JSON-ready dict of every field, our names (enums as strings, sets as sorted lists,
+        tuples as lists); lists and dicts are copies, so changing the result leaves the config alone."""
         out: dict[str, Any] = {}
         for config_field in dataclasses.fields(self):
             value = getattr(self, config_field.name)
@@ -97,8 +99,8 @@ class AdapterConfig:
                 value = value.value
             elif isinstance(value, (set, frozenset)):
                 value = sorted(value)
-            elif isinstance(value, tuple):
-                value = list(value)
+            elif isinstance(value, (tuple, list, dict)):
+                value = copy.deepcopy(list(value) if isinstance(value, tuple) else value)
             out[config_field.name] = value
         return out
 

@@ -1,4 +1,4 @@
-"""Trainable full copies of whole modules (``modules_to_save``), swapped in beside LoRA.
+"""Trainable full copies of whole modules (``modules_to_save``), swapped in beside an adapter.
 
 A :class:`ModulesToSaveWrapper` takes the place of one module of the model (a freshly
 initialised classification head, say) while LoRA adapters are attached. It keeps the
@@ -8,8 +8,9 @@ forward runs the copy of the active adapter, else the original; an adapter whose
 ``disabled()`` block is open in the calling thread (or async task) runs the original there
 only; under a per-row selection (:mod:`prefix_hooks.core.rows`) each row runs its adapter's copy.
 
-The copies belong to the :class:`~prefix_hooks.lora.attachment.LoraAttachment` that made
-them (they survive detach and re-attach); the wrapper only borrows them while attached.
+The copies belong to the adapter handle that made them (they survive detach and re-attach):
+a LoRA handle shares one wrapper among its adapters (:mod:`prefix_hooks.core.swaps`), other
+methods get one each (:mod:`prefix_hooks.core.saved_modules`); the wrapper only borrows them.
 """
 
 from __future__ import annotations

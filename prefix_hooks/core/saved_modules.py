@@ -15,38 +15,29 @@ Parameter names follow PEFT: ``<module>.modules_to_save.<adapter>.<param>``.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import copy
 import functools
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 
 from torch import nn
 
 from prefix_hooks.core import swaps
-from prefix_hooks.core.attachment import UndoStack
-from prefix_hooks.core.config import TaskType
+from prefix_hooks.core.attachment import Attachment, UndoStack
 from prefix_hooks.core.modules_to_save import ModulesToSaveWrapper
+from prefix_hooks.core.places import Place, parent_now
 from prefix_hooks.core.switch import Switch
-from prefix_hooks.lora.targets import TASK_MODULES_TO_SAVE, select_modules_to_save
+from prefix_hooks.core.targets import select_modules_to_save, task_heads
+
+__all__ = ["SavedModules", "SavedModulesAttachment", "task_heads", "trainable_copy"]
 
 
-def task_heads(task_type: TaskType | str | None) -> tuple[str, ...]:
-    """The heads PEFT's task model for ``task_type`` trains implicitly; they may match nothing."""
-    if task_type is None:
-        return ()
-    return TASK_MODULES_TO_SAVE.get(TaskType(task_type), ())
-
-
-@dataclass(frozen=True)
-class _Saved:
-    """A module trained as a full copy: where it sits, the original and this adapter's copy."""
-
-    name: str
-    parent_path: tuple[str, ...]
-    child_name: str
-    original: nn.Module
-    duplicate: nn.Module
+def trainable_copy(module: nn.Module, trainable: bool) -> nn.Module:
+    """A deep copy of ``module`` whose parameters have ``requires_grad=trainable`` (the original is untouched)."""
+    duplicate = copy.deepcopy(module)
+    duplicate.requires_grad_(trainable)
+    return duplicate
 
 
 class SavedModules:
@@ -72,56 +63,42 @@ class SavedModules:
         with swaps.lock:
             view = swaps.clean_view(model)  # the model without adapters: original names and modules
             selected = select_modules_to_save(view, names, optional=optional)
-            modules = dict(view.named_modules())
-            real = {id(module) for module in model.modules()}
-            state = swaps.state_of(model)
-            real.update(id(swap.original) for swap in (state.swaps.values() if state else ()))
-            for name in selected:
-                if id(modules[name]) not in real:
-                    raise ValueError(
-                        f"modules_to_save entry {name!r} contains modules that attached LoRA adapters replaced; "
-                        "it cannot be saved as a copy while they are attached"
-                    )
-        self._saved: list[_Saved] = []
-        for name in selected:
-            *parent, child = name.split(".")
-            duplicate = copy.deepcopy(modules[name])
-            duplicate.requires_grad_(trainable)
-            self._saved.append(_Saved(name, tuple(parent), child, modules[name], duplicate))
+            modules = swaps.originals(model, view, selected, "saved as a copy")
+        self._saved = [(Place.of(name, module), trainable_copy(module, trainable)) for name, module in modules.items()]
         self.names = selected
         self._switch = Switch()  # what disabled() turns off in one thread / task; the wrappers hold it
 
     def copies(self) -> list[nn.Module]:
         """The trainable copies, in ``names`` order."""
-        return [saved.duplicate for saved in self._saved]
+        return [duplicate for _, duplicate in self._saved]
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """PEFT's in-model names: ``<module>.modules_to_save.<adapter>.<param>``."""
-        for saved in self._saved:
-            for key, parameter in saved.duplicate.named_parameters():
-                yield f"{saved.name}.modules_to_save.{self.adapter_name}.{key}", parameter
+        for place, duplicate in self._saved:
+            for key, parameter in duplicate.named_parameters():
+                yield f"{place.name}.modules_to_save.{self.adapter_name}.{key}", parameter
 
     def check_can_attach(self) -> None:
         """Raise if a module to save is no longer the module the copies were made from."""
-        for saved in self._saved:
-            current = self._parent_of(saved)._modules.get(saved.child_name)
-            if current is not saved.original:
+        for place, _ in self._saved:
+            current = parent_now(self.model, place)._modules.get(place.child_name)
+            if current is not place.original:
                 raise RuntimeError(
-                    f"{saved.name!r} is no longer the module this adapter was built for (found "
+                    f"{place.name!r} is no longer the module this adapter was built for (found "
                     f"{type(current).__name__}); another adapter may have replaced it. Detach it or build the "
                     "adapter again"
                 )
 
     def install(self, undo: UndoStack) -> None:
         """Swap a wrapper running this adapter's copy into each module's place; undo puts the original back."""
-        for saved in self._saved:
-            parent = self._parent_of(saved)
-            wrapper = ModulesToSaveWrapper(saved.original)
-            wrapper.add_copy(self.adapter_name, saved.duplicate, switch=self._switch)
+        for place, duplicate in self._saved:
+            parent = parent_now(self.model, place)
+            wrapper = ModulesToSaveWrapper(place.original)
+            wrapper.add_copy(self.adapter_name, duplicate, switch=self._switch)
             wrapper.set_active([self.adapter_name])
-            swaps.match_training(wrapper, saved.original)
-            parent._modules[saved.child_name] = wrapper  # same key, same position
-            undo.push(_put_back(parent, saved))
+            swaps.match_training(wrapper, place.original)
+            parent._modules[place.child_name] = wrapper  # same key, same position
+            undo.push(_put_back(parent, place))
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
@@ -130,22 +107,34 @@ class SavedModules:
         with self._switch.off():
             yield
 
-    def _parent_of(self, saved: _Saved) -> nn.Module:
-        parent = self.model
-        for depth, key in enumerate(saved.parent_path):
-            child = parent._modules.get(key)
-            if child is None:
-                raise RuntimeError(
-                    f"{saved.name!r}: the model has no module {'.'.join(saved.parent_path[: depth + 1])!r} any more"
-                )
-            parent = child
-        return parent
 
-
-def _put_back(parent: nn.Module, saved: _Saved) -> Callable[[], None]:
+def _put_back(parent: nn.Module, place: Place) -> Callable[[], None]:
     """The undo of one swap (a partial, so a copy of the attached model puts back its own module)."""
-    return functools.partial(_put_original_back, parent, saved)
+    return functools.partial(_put_original_back, parent, place)
 
 
-def _put_original_back(parent: nn.Module, saved: _Saved) -> None:
-    parent._modules[saved.child_name] = saved.original
+def _put_original_back(parent: nn.Module, place: Place) -> None:
+    parent._modules[place.child_name] = place.original
+
+
+class SavedModulesAttachment(Attachment):
+    """An adapter made of one module of its own plus its :class:`SavedModules` (prefix, prompt).
+
+    Subclasses set ``self.saved_modules`` and say which module holds the method's parameters.
+    """
+
+    saved_modules: SavedModules
+
+    @abc.abstractmethod
+    def _method_module(self) -> nn.Module:
+        """The module holding the method's own parameters (the prefix encoder, the prompt encoder)."""
+
+    def adapter_modules(self) -> list[nn.Module]:
+        return [self._method_module(), *self.saved_modules.copies()]
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """The base model's outputs inside: the adapter and its modules to save are off in this thread
+        (and async task) only; forwards elsewhere keep them."""
+        with self.saved_modules.disabled(), super().disabled():
+            yield

@@ -3,8 +3,8 @@
 Several LoRA adapters (different names) may be attached to one model at once and
 detached in any order. They share:
 
-- the *swaps*: a target module ``parent.child`` replaced by one LoRA layer (or one
-  modules-to-save wrapper) holding every adapter that targets it. The first adapter
+- the *swaps*: a target module ``parent.child`` replaced by one :class:`AdapterHolder` (a LoRA
+  layer, or a modules-to-save wrapper) holding every adapter that targets it. The first adapter
   that needs the swap makes it; the original module object goes back, at the same
   place in ``parent._modules``, when the last adapter using it is removed;
 - the *freeze*: base parameters are frozen by the first LoRA adapter attached and
@@ -23,20 +23,38 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextvars import Token
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from torch import nn
 
 from prefix_hooks.core.attachment import UndoStack, attachments_of, freeze_parameters
 from prefix_hooks.core.modules_to_save import ModulesToSaveWrapper
+from prefix_hooks.core.places import Place, parent_now
 from prefix_hooks.core.rows import _ADAPTER_ROWS, BASE_ROW, validate_adapter_rows
-from prefix_hooks.lora.layers import LoraLayer
 
 ADAPTER_NAMES_KWARG = "adapter_names"
 """Forward keyword (PEFT's) selecting an adapter per batch row: ``model(**batch, adapter_names=[...])``."""
+
+
+@runtime_checkable
+class AdapterHolder(Protocol):
+    """What stands in for a swapped module: a module holding several named adapters, some active.
+
+    A LoRA layer and a :class:`~prefix_hooks.core.modules_to_save.ModulesToSaveWrapper` are both.
+    """
+
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        """The adapters it holds, in the order they were added."""
+        ...
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """The adapters it runs; :meth:`ModelSwaps.refresh` changes this list in place."""
+        ...
 
 
 @dataclass
@@ -46,14 +64,14 @@ class Swap:
     Attributes:
         parent: the module holding it; ``child_name`` its key in ``parent._modules``.
         original: the module that was there (put back when ``users`` empties).
-        replacement: the LoRA layer or wrapper standing in for it.
+        replacement: the :class:`AdapterHolder` standing in for it (a LoRA layer or a wrapper).
         users: names of the adapters using the swap.
     """
 
     parent: nn.Module
     child_name: str
     original: nn.Module
-    replacement: LoraLayer | ModulesToSaveWrapper
+    replacement: nn.Module
     users: list[str] = field(default_factory=list)
 
 
@@ -79,15 +97,18 @@ class ModelSwaps:
 
     # --- swaps ------------------------------------------------------------------------
     def acquire_swap(
-        self, name: str, parent: nn.Module, child_name: str, original: nn.Module,
-        make: Callable[[nn.Module], LoraLayer | ModulesToSaveWrapper], user: str,
-    ) -> LoraLayer | ModulesToSaveWrapper:
-        """The replacement standing in for ``original`` (made and swapped in on first use), with ``user`` counted."""
-        swap = self.swaps.get(name)
+        self, place: Place, parent: nn.Module, make: Callable[[nn.Module], nn.Module], user: str
+    ) -> nn.Module:
+        """The replacement standing in for ``place.original`` (made and swapped in on first use), with ``user`` counted.
+
+        ``parent`` holds the place now (:func:`parent_for`); ``make(original)`` must return an
+        :class:`AdapterHolder`.
+        """
+        swap = self.swaps.get(place.name)
         if swap is None:
-            replacement = make(original)
-            parent._modules[child_name] = replacement  # same key, same position in the dict
-            swap = self.swaps[name] = Swap(parent, child_name, original, replacement)
+            replacement = make(place.original)
+            parent._modules[place.child_name] = replacement  # same key, same position in the dict
+            swap = self.swaps[place.name] = Swap(parent, place.child_name, place.original, replacement)
         swap.users.append(user)
         return swap.replacement
 
@@ -106,11 +127,13 @@ class ModelSwaps:
     def refresh(self) -> None:
         """Give every swapped layer and wrapper the active adapters it holds."""
         for swap in self.swaps.values():
-            held = swap.replacement.adapter_names
+            holder = swap.replacement
+            assert isinstance(holder, AdapterHolder)  # as acquire_swap's `make` promised
+            held = holder.adapter_names
             wanted = [name for name in self.active if name in held]
-            if swap.replacement.active_adapters != wanted:
+            if holder.active_adapters != wanted:
                 # in place: the list object of a layer other adapters keep using stays the same
-                swap.replacement.active_adapters[:] = wanted
+                holder.active_adapters[:] = wanted
 
     # --- trainable parameters on top of the freeze ------------------------------------
     def make_trainable(self, parameters: Iterable[nn.Parameter], undo: UndoStack) -> None:
@@ -159,6 +182,39 @@ lock = threading.RLock()
 def state_of(model: nn.Module) -> ModelSwaps | None:
     """The shared state of the LoRA adapters attached to ``model`` (None when there are none)."""
     return _states.get(model)
+
+
+def parent_for(model: nn.Module, place: Place, kind: type[nn.Module]) -> nn.Module:
+    """The module holding ``place`` now, after checking that it still holds the original
+    (or a ``kind`` swap of it made by another adapter).
+
+    Args:
+        kind: the replacement the caller swaps in: :class:`ModulesToSaveWrapper` for a module
+            to save, a LoRA layer class for a target.
+
+    Raises:
+        RuntimeError: the model changed since the adapter was built, the module lies inside
+            a module another adapter swapped, or another adapter swapped it in another role.
+    """
+    state = _states.get(model)
+    replacements = {id(swap.replacement): name for name, swap in state.swaps.items()} if state else {}
+    parent = parent_now(model, place, replacements)
+    current = parent._modules.get(place.child_name)
+    swap = state.swaps.get(place.name) if state else None
+    if current is place.original and swap is None:
+        return parent
+    if swap is not None and current is swap.replacement and swap.original is place.original:
+        if not isinstance(current, kind):
+            roles = ("LoRA target", "module to save")
+            wanted, found = roles[::-1] if kind is ModulesToSaveWrapper else roles
+            raise RuntimeError(
+                f"{place.name!r} is a {found} of adapters {swap.users}; it cannot also be a {wanted} here"
+            )
+        return parent
+    raise RuntimeError(
+        f"{place.name!r} is no longer the module this adapter was built for (found {type(current).__name__}); "
+        "build the adapter again for the model as it is now"
+    )
 
 
 def acquire_model(model: nn.Module, adapter_name: str, attachment: Any, undo: UndoStack) -> ModelSwaps:
@@ -287,3 +343,26 @@ def clean_view(model: nn.Module) -> nn.Module:
         return stand_in
 
     return view(model)
+
+
+def originals(model: nn.Module, view: nn.Module, names: Sequence[str], role: str) -> dict[str, nn.Module]:
+    """The modules named ``names`` in ``view`` (the :func:`clean_view` of ``model``), by name.
+
+    They are the model's own objects (or originals a swap keeps); call with :data:`lock` held
+    since the view was taken.
+
+    Raises:
+        ValueError: a named module is a stand-in of the view: modules that attached LoRA
+            adapters swapped lie inside it, so it cannot be ``role`` (e.g. ``"a target"``) now.
+    """
+    modules = dict(view.named_modules())
+    real = {id(module) for module in model.modules()}
+    state = _states.get(model)
+    real.update(id(swap.original) for swap in (state.swaps.values() if state else ()))
+    for name in names:
+        if id(modules[name]) not in real:
+            raise ValueError(
+                f"{name!r} contains modules that attached LoRA adapters replaced; it cannot be {role} while they "
+                "are attached"
+            )
+    return {name: modules[name] for name in names}

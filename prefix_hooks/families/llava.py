@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from prefix_hooks.core.calls import ForwardCall
-from prefix_hooks.prefix.architecture import ArchitectureAdapter, AttentionSite, CurrentState
+from prefix_hooks.prefix.architecture import ArchitectureAdapter, AttentionSite, CurrentState, adapter_for
 
 if TYPE_CHECKING:
     from prefix_hooks.core.attachment import UndoStack
@@ -46,50 +46,44 @@ def language_model(model: nn.Module) -> nn.Module:
     return decoder
 
 
-def _text_adapter(text_module: nn.Module) -> ArchitectureAdapter:
-    from prefix_hooks.families import adapter_for  # the registry imports this module
-
-    return adapter_for(text_module)
-
-
 @dataclass(frozen=True)
 class TextTowerAdapter(ArchitectureAdapter):
     """A multimodal model whose prefix goes into its language model, served by the text family's adapter."""
 
     def attention_sites(self, model: nn.Module, config: PrefixTuningConfig | None = None) -> list[AttentionSite]:
         text_model = language_model(model)
-        return _text_adapter(text_model).attention_sites(text_model, config)
+        return adapter_for(text_model).attention_sites(text_model, config)
 
     def kv_shape(self, module: nn.Module, config: object) -> tuple[int, int]:
-        return _text_adapter(module).kv_shape(module, config)
+        return adapter_for(module).kv_shape(module, config)
 
     def base_model(self, model: nn.Module) -> nn.Module:
         text_model = language_model(model)
-        return _text_adapter(text_model).base_model(text_model)
+        return adapter_for(text_model).base_model(text_model)
 
     def unsupported_reason(self, model: nn.Module) -> str | None:
         try:
             text_model = language_model(model)
         except ValueError as error:
             return str(error)
-        text_adapter = _text_adapter(text_model)
+        text_adapter = adapter_for(text_model)
         reason = text_adapter.unsupported_reason(text_model)
         return None if reason is None else f"{self.name}'s language model: {reason}"
 
     def install_site_hooks(self, sites: list[AttentionSite], current_state: CurrentState, undo: UndoStack) -> None:
         if sites:
-            _text_adapter(sites[0].module).install_site_hooks(sites, current_state, undo)
+            adapter_for(sites[0].module).install_site_hooks(sites, current_state, undo)
 
     def default_position_offset(self, root: nn.Module, num_virtual_tokens: int) -> int:
-        return _text_adapter(root).default_position_offset(root, num_virtual_tokens)
+        return adapter_for(root).default_position_offset(root, num_virtual_tokens)
 
     def position_offset_error(self, root: nn.Module, offset: int) -> str | None:
-        return _text_adapter(root).position_offset_error(root, offset)
+        return adapter_for(root).position_offset_error(root, offset)
 
     def offset_positions(self, call: ForwardCall, offset: int) -> None:
         if call.module is None:
             raise ValueError(f"{self.name}: the call does not name its root module; cannot find the language model")
-        _text_adapter(call.module).offset_positions(call, offset)
+        adapter_for(call.module).offset_positions(call, offset)
 
 
 ADAPTER = TextTowerAdapter(name="llava", model_types=("llava",), attention_classes=())

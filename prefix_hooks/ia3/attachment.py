@@ -7,8 +7,8 @@ On attach, in this order (each step undone on detach, in reverse):
    ``model.parameters()`` (and an optimizer Trainer builds) sees them;
 3. every target module gets this adapter's vector in its shared scaling hooks
    (:mod:`prefix_hooks.ia3.scaling`): no module is replaced;
-4. every module to save is replaced by a :class:`~prefix_hooks.lora.ModulesToSaveWrapper`
-   running this adapter's trainable copy.
+4. every module to save is replaced by a :class:`~prefix_hooks.core.modules_to_save.ModulesToSaveWrapper`
+   running this adapter's trainable copy (:mod:`prefix_hooks.core.saved_modules`).
 
 The vectors and copies are built once, in the constructor, and kept by the handle:
 detaching and attaching again resumes with the trained values.
@@ -26,8 +26,10 @@ from torch import nn
 from prefix_hooks.core import swaps
 from prefix_hooks.core.attachment import Attachment, UndoStack, freeze_parameters, register_child
 from prefix_hooks.core.checkpoints import built_or_loaded
+from prefix_hooks.core.config_fields import require_config
 from prefix_hooks.core.devices import offload_aware_device
 from prefix_hooks.core.disabled_blocks import DisabledBlocks
+from prefix_hooks.core.merged_weights import check_no_other_merge
 from prefix_hooks.core.saved_modules import SavedModules
 from prefix_hooks.ia3 import scaling
 from prefix_hooks.ia3.config import IA3Config
@@ -85,14 +87,7 @@ class IA3Attachment(Attachment):
 
     def __init__(self, model: nn.Module, config: IA3Config, adapter_name: str = "default") -> None:
         super().__init__(model, adapter_name)
-        if not isinstance(config, IA3Config):
-            kind = f"{type(config).__module__}.{type(config).__qualname__}"
-            raise TypeError(
-                f"config must be a prefix_hooks.IA3Config, got {kind}; a PEFT config converts with "
-                "prefix_hooks.IA3Config(**{k: v for k, v in peft_config.to_dict().items() "
-                "if k in prefix_hooks.IA3Config.__dataclass_fields__})"
-            )
-        self.config = config
+        self.config = require_config(config, IA3Config)
         with swaps.lock:
             view = swaps.clean_view(model)  # the model without adapters: original names and modules
             self.targets = select_targets(view, config)
@@ -246,35 +241,27 @@ class IA3Attachment(Attachment):
             if self._merged:
                 return
             self._disabled_blocks.check_closed(self.is_enabled, "merge it")
-            self._check_no_merged_lora()
-            for target in self.targets:
-                found = scaling.scaling_of(target.module)
-                assert found is not None
+            check_no_other_merge(self.model, {target.name: target.module for target in self.targets}, "(IA)^3")
+            for found in self._scalings():
                 found.merge(id(self))
             self._merged = True
 
     def unmerge(self) -> None:
         """Restore the targets' original weights and biases (no-op when not merged)."""
         with scaling.lock:
-            if not self._merged:
-                return
-            for target in self.targets:
-                found = scaling.scaling_of(target.module)
-                assert found is not None
-                found.unmerge(id(self))
-            self._merged = False
+            if self._merged:
+                for found in self._scalings():
+                    found.unmerge(id(self))
+                self._merged = False
 
-    def _check_no_merged_lora(self) -> None:
-        state = swaps.state_of(self.model)
-        if state is None:
-            return
-        ours = {id(target.module): target.name for target in self.targets}
-        for swap in state.swaps.values():
-            if id(swap.original) in ours and getattr(swap.replacement, "is_merged", False):
-                raise RuntimeError(
-                    f"{ours[id(swap.original)]!r} holds a merged LoRA update; unmerge the LoRA adapter before merging "
-                    "(IA)^3 into the same module (each restores the weight it saw)"
-                )
+    def _scalings(self) -> list[scaling.ModuleScaling]:
+        """The shared scaling of each target (this adapter is attached)."""
+        scalings = []
+        for target in self.targets:
+            found = scaling.scaling_of(target.module)
+            assert found is not None  # acquired by _install, released by detach
+            scalings.append(found)
+        return scalings
 
     def __repr__(self) -> str:
         state = "attached" if self.is_attached else "detached"
@@ -295,22 +282,23 @@ def attach_ia3(
     """Build an (IA)^3 adapter for ``model``; attach it with ``with``, ``@`` or ``.attach()``.
 
     Targets are selected and the vectors built here; nothing about ``model`` changes until
-    the adapter is attached.
+    the adapter is attached. The vectors of several (IA)^3 adapters on one module multiply.
 
     Args:
-        model: any ``nn.Module`` (a transformers model for the family defaults).
-        config: the (IA)^3 config.
-            Or the path (``str`` / ``os.PathLike``) of a saved adapter folder, ours or
-            PEFT's, or a hub id: the adapter is loaded frozen (``load_adapter(...,
-            trainable=True)`` resumes training).
-        adapter_name: a Python identifier naming the adapter.
+        model: any ``nn.Module``; for the family defaults of ``target_modules`` and
+            ``feedforward_modules``, a transformers model.
+        config: the :class:`IA3Config`, or where an (IA)^3 adapter was saved, loaded frozen
+            (see :func:`~prefix_hooks.core.checkpoints.built_or_loaded`).
+        adapter_name: a Python identifier naming the adapter (its vectors are registered
+            under the model as ``ia3_hooks_<adapter_name>`` while attached).
 
     Returns:
         The (not yet attached) :class:`IA3Attachment`.
 
     Raises:
         TypeError: ``config`` is not an :class:`IA3Config`.
-        ValueError: the targets or modules to save match nothing or an unsupported module.
+        ValueError: the targets or modules to save match nothing, or a target is not an
+            ``nn.Linear`` / transformers ``Conv1D``.
 
     Example:
         >>> with attach_ia3(model, IA3Config()) as handle:   # family default targets

@@ -7,13 +7,10 @@ target's input is (``y = base(x * l)``, ``l`` of shape ``(1, in_features)``).
 
 from __future__ import annotations
 
-import dataclasses
-import enum
 from dataclasses import dataclass, field
-from typing import Any
 
-from prefix_hooks.core.config import AdapterConfig, PeftType, TaskType
-from prefix_hooks.lora.config import _check_bool, _module_filter, _names
+from prefix_hooks.core.config import AdapterConfig, PeftType
+from prefix_hooks.core.config_fields import checked_module_fields, module_filter
 
 IA3_PEFT_TYPE = PeftType.IA3
 
@@ -67,9 +64,11 @@ class IA3Config(AdapterConfig):
     peft_type: PeftType | str = field(default=IA3_PEFT_TYPE, kw_only=True)
 
     def __post_init__(self) -> None:
-        target_modules = _module_filter("target_modules", self.target_modules, allow_empty=False)
-        exclude_modules = _module_filter("exclude_modules", self.exclude_modules, allow_empty=True)
-        feedforward_modules = self._checked_feedforward()
+        checked = checked_module_fields(self, IA3_PEFT_TYPE, ("fan_in_fan_out", "init_ia3_weights", "inference_mode"))
+        # an empty list is accepted: "no feed-forward module" (PEFT's mt5 default is [])
+        feedforward_modules = module_filter("feedforward_modules", self.feedforward_modules, allow_empty=True)
+        checked["feedforward_modules"] = feedforward_modules
+        target_modules = checked["target_modules"]
         if isinstance(feedforward_modules, set) and isinstance(target_modules, set):
             extra = sorted(feedforward_modules - target_modules)
             if extra:
@@ -78,60 +77,6 @@ class IA3Config(AdapterConfig):
                     f"target_modules={sorted(target_modules)!r} ({extra!r} not targeted); every feed-forward "
                     "module must also be a target"
                 )
-        for name in ("fan_in_fan_out", "init_ia3_weights", "inference_mode"):
-            _check_bool(name, getattr(self, name))
-        modules_to_save = self._checked_modules_to_save()
-        task_type = self._checked_task_type()
-        if self.peft_type != IA3_PEFT_TYPE:
-            raise ValueError(f"peft_type={self.peft_type!r} is not accepted; expected {IA3_PEFT_TYPE.value!r}")
         self._check_common_fields()
-        # Everything is valid: store the normalised values.
-        self.target_modules = target_modules
-        self.exclude_modules = exclude_modules
-        self.feedforward_modules = feedforward_modules
-        self.modules_to_save = modules_to_save
-        self.task_type = task_type
-        self.peft_type = IA3_PEFT_TYPE
-
-    def _checked_feedforward(self) -> set[str] | str | None:
-        value = self.feedforward_modules
-        if isinstance(value, str) and value.lower() == "all-linear":
-            raise ValueError(
-                f"feedforward_modules={value!r} is not accepted; 'all-linear' is a target_modules shorthand. "
-                "Give a list of module names or a regex"
-            )
-        if isinstance(value, (list, set, tuple, frozenset)) and not value:
-            return set()  # PEFT accepts "no feed-forward module" (its mt5 default is [])
-        return _module_filter("feedforward_modules", value, allow_empty=True)
-
-    def _checked_modules_to_save(self) -> list[str] | None:
-        if self.modules_to_save is None:
-            return None
-        if isinstance(self.modules_to_save, str):
-            raise ValueError(f"modules_to_save={self.modules_to_save!r} is not accepted; expected a list of module names")
-        names = _names("modules_to_save", self.modules_to_save, allow_empty=True)
-        ordered = sorted(names) if isinstance(self.modules_to_save, (set, frozenset)) else self.modules_to_save
-        return list(dict.fromkeys(ordered))
-
-    def _checked_task_type(self) -> TaskType | None:
-        if self.task_type is None:
-            return None
-        try:
-            return TaskType(self.task_type)
-        except ValueError:
-            accepted = ", ".join(t.value for t in TaskType)
-            raise ValueError(f"task_type={self.task_type!r} is not accepted; expected one of {accepted} or None") from None
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict with PEFT's key names (sets as sorted lists, enums as strings)."""
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, (set, frozenset)):
-                value = sorted(value)
-            elif isinstance(value, enum.Enum):
-                value = value.value
-            elif isinstance(value, list):
-                value = list(value)
-            out[f.name] = value
-        return out
+        for name, value in checked.items():  # everything is valid: store the normalised values
+            setattr(self, name, value)

@@ -27,6 +27,7 @@ from torch.utils.hooks import RemovableHandle
 from transformers.pytorch_utils import Conv1D
 
 from prefix_hooks.core.attachment import _disabled
+from prefix_hooks.core.merged_weights import register_merge_probe
 
 lock = threading.RLock()
 """Held while (IA)^3 vectors are added to, removed from, merged into or unmerged from modules."""
@@ -78,32 +79,14 @@ class ModuleScaling:
 
     # --- the hooks (hot path: keep them small) -------------------------------------------
     def _scale_output(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:
-        if self._merged_trainable and module.training and torch.is_grad_enabled():
-            self._refuse_training()
-        disabled = _disabled.get()
-        if disabled and self._merged_keys and not self._merged_keys.isdisjoint(disabled):
-            self._refuse_disabled_merged()
-        scale: torch.Tensor | None = None
-        for key, holder, name in self._outputs:
-            if key not in disabled:
-                flat = getattr(holder, name).view(-1)  # (out,)
-                scale = flat if scale is None else scale * flat
+        scale = self._product(module, self._outputs)  # (out,)
         if scale is None:
             return None
         scaled = output * scale  # (..., out), in the promoted dtype
         return scaled if scaled.dtype is output.dtype else scaled.to(output.dtype)
 
     def _scale_input(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-        if self._merged_trainable and module.training and torch.is_grad_enabled():
-            self._refuse_training()
-        disabled = _disabled.get()
-        if disabled and self._merged_keys and not self._merged_keys.isdisjoint(disabled):
-            self._refuse_disabled_merged()
-        scale: torch.Tensor | None = None
-        for key, holder, name in self._inputs:
-            if key not in disabled:
-                flat = getattr(holder, name).view(-1)  # (in,)
-                scale = flat if scale is None else scale * flat
+        scale = self._product(module, self._inputs)  # (in,)
         if scale is None:
             return None
         if not args:
@@ -113,6 +96,24 @@ class ModuleScaling:
         x = args[0]
         scaled = x * scale  # (..., in), in the promoted dtype
         return (scaled if scaled.dtype is x.dtype else scaled.to(x.dtype), *args[1:])
+
+    def _product(self, module: nn.Module, vectors: tuple[tuple[int, nn.Module, str], ...]) -> torch.Tensor | None:
+        """The product of ``vectors`` not disabled in this thread / task, flat; None when there is none.
+
+        Raises:
+            RuntimeError: a merged vector would get no gradient, or is disabled here.
+        """
+        if self._merged_trainable and module.training and torch.is_grad_enabled():
+            self._refuse_training()
+        disabled = _disabled.get()
+        if disabled and self._merged_keys and not self._merged_keys.isdisjoint(disabled):
+            self._refuse_disabled_merged()
+        scale: torch.Tensor | None = None
+        for key, holder, name in vectors:
+            if key not in disabled:
+                flat = getattr(holder, name).view(-1)  # (features,)
+                scale = flat if scale is None else scale * flat
+        return scale
 
     def _refuse_disabled_merged(self) -> None:
         raise RuntimeError(
@@ -245,3 +246,12 @@ def release(module: nn.Module, key: int) -> None:
 def scaling_of(module: nn.Module) -> ModuleScaling | None:
     """The scaling of ``module`` (None when no (IA)^3 vector is attached to it)."""
     return _scalings.get(module)
+
+
+def _merged_vectors(model: nn.Module, module: nn.Module) -> str | None:
+    """The merge probe of (IA)^3: whether a vector is merged into ``module``'s weight (of any model)."""
+    scaling = _scalings.get(module)
+    return "a merged (IA)^3 vector" if scaling is not None and any(e.merged for e in scaling.entries) else None
+
+
+register_merge_probe("(IA)^3", _merged_vectors)

@@ -1,13 +1,13 @@
 """Which modules of a model get an (IA)^3 vector, and which of them scale their input.
 
 The rules are PEFT 0.21's, so a config selects the same modules here as in
-``peft.get_peft_model`` (checked against PEFT in ``tests/test_ia3_targets.py``):
+``peft.get_peft_model`` (checked against PEFT in ``tests/ia3/test_ia3_config.py``):
 
-* targets: as LoRA's (:mod:`prefix_hooks.lora.targets`): a list entry matches a qualified
-  name equal to it or ending with ``"." + entry``; a string is a full-match regex;
-  ``"all-linear"`` is every Linear / Conv1D but the output head; ``None`` is the family
-  default (:data:`DEFAULT_TARGET_MODULES`). ``exclude_modules`` and modules inside a module
-  to save are never targets.
+* targets: the rules every weight-adapting method shares (:mod:`prefix_hooks.core.targets`):
+  a list entry matches a qualified name equal to it or ending with ``"." + entry``; a string
+  is a full-match regex; ``"all-linear"`` is every Linear / Conv1D but the output head;
+  ``None`` is the family default (:data:`DEFAULT_TARGET_MODULES`). ``exclude_modules`` and
+  modules inside a module to save are never targets.
 * feed-forward: a list entry matches a name that *ends with* it (PEFT's plain suffix test);
   a string is a full-match regex; ``None`` is the family default
   (:data:`DEFAULT_FEEDFORWARD_MODULES`).
@@ -25,18 +25,8 @@ from dataclasses import dataclass
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from prefix_hooks.core.config import TaskType
-from prefix_hooks.core.legacy_names import legacy_module_names, spellings
+from prefix_hooks.core.targets import AdaptableModules, family_default, select_modules, task_heads
 from prefix_hooks.ia3.config import IA3Config
-from prefix_hooks.lora.config import ALL_LINEAR
-from prefix_hooks.lora.targets import (
-    TASK_MODULES_TO_SAVE,
-    _all_linear_names,
-    _candidates,
-    _inside,
-    _matches_names,
-    _wrapped_base,
-)
 
 __all__ = [
     "DEFAULT_FEEDFORWARD_MODULES",
@@ -49,6 +39,8 @@ __all__ = [
 
 SUPPORTED_MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
 """Module types an (IA)^3 vector can scale (subclasses included)."""
+
+_ADAPTABLE = AdaptableModules("(IA)^3", "scale", SUPPORTED_MODULE_TYPES, "torch.nn.Linear, transformers Conv1D")
 
 _LLAMA_LIKE = ["k_proj", "v_proj", "down_proj"]
 _BERT_LIKE = ["key", "value", "output.dense"]
@@ -156,9 +148,6 @@ DEFAULT_FEEDFORWARD_MODULES: dict[str, list[str] | str] = {
 }
 """``config.model_type`` -> default ``feedforward_modules``."""
 
-_EXAMPLES_IN_ERRORS = 6
-
-
 @dataclass(frozen=True)
 class Target:
     """One selected module: its qualified name, the module object scaled, and where the vector goes.
@@ -173,20 +162,7 @@ class Target:
 
 def task_modules_to_save(config: IA3Config) -> tuple[str, ...]:
     """The heads ``config.task_type`` saves implicitly, as PEFT's task models do; may match nothing."""
-    if config.task_type is None:
-        return ()
-    return TASK_MODULES_TO_SAVE.get(TaskType(config.task_type), ())
-
-
-def _family_default(model: nn.Module, table: dict[str, list[str] | str], field: str) -> list[str] | str:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    default = table.get(model_type) if isinstance(model_type, str) else None
-    if default is None:
-        raise ValueError(
-            f"{field}=None but model_type={model_type!r} ({type(model).__name__}) has no default {field}; "
-            f"pass {field}: a list of module names or a regex"
-        )
-    return default
+    return task_heads(config.task_type)
 
 
 def _is_feedforward(name: str, feedforward: list[str] | set[str] | str) -> bool:
@@ -206,46 +182,14 @@ def select_targets(model: nn.Module, config: IA3Config, *, legacy_names: bool = 
             a default is needed and the family has none. Messages name the offending value.
     """
     requested = config.target_modules
-    targets = requested if requested is not None else _family_default(model, DEFAULT_TARGET_MODULES, "target_modules")
+    targets = requested if requested is not None else family_default(model, DEFAULT_TARGET_MODULES, "target_modules")
     feedforward = config.feedforward_modules
     if feedforward is None:
-        feedforward = _family_default(model, DEFAULT_FEEDFORWARD_MODULES, "feedforward_modules")
-    assert not isinstance(feedforward, tuple) and not isinstance(targets, tuple)  # normalised by IA3Config
+        feedforward = family_default(model, DEFAULT_FEEDFORWARD_MODULES, "feedforward_modules")
+    assert not isinstance(feedforward, tuple)  # normalised by IA3Config
     described = f"target_modules={targets!r}" + (" (the family default)" if requested is None else "")
-    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
-        targets = _all_linear_names(model)
-    saved = [*(config.modules_to_save or []), *task_modules_to_save(config)]
-    exclude = config.exclude_modules
-
-    def is_excluded(name: str) -> bool:
-        if isinstance(exclude, str):
-            return re.fullmatch(exclude, name) is not None
-        return bool(exclude) and _matches_names(name, exclude or ())
-
-    def is_target(name: str) -> bool:
-        return re.fullmatch(targets, name) is not None if isinstance(targets, str) else _matches_names(name, targets)
-
-    legacy = legacy_module_names(model) if legacy_names else {}
-    selected: list[Target] = []
-    for name, module in _candidates(model):
-        names = spellings(name, legacy)  # the module's name, and its name before transformers 5 if renamed
-        if any(is_excluded(n) or any(_inside(n, key) for key in saved) for n in names):
-            continue
-        if any(is_target(n) for n in names):
-            original = _wrapped_base(module) or module
-            selected.append(Target(name, original, any(_is_feedforward(n, feedforward) for n in names)))
-
-    for target in selected:
-        if not isinstance(target.module, SUPPORTED_MODULE_TYPES):
-            raise ValueError(
-                f"{described} matches {target.name!r} ({type(target.module).__name__}), which (IA)^3 cannot scale; "
-                "supported module types: torch.nn.Linear, transformers Conv1D. Narrow target_modules to those"
-            )
-    if not selected:
-        examples = [name for name, module in _candidates(model) if isinstance(module, SUPPORTED_MODULE_TYPES)]
-        raise ValueError(
-            f"{described} (exclude_modules={exclude!r}, modules_to_save={saved!r}) matches no module of "
-            f"{type(model).__name__}; modules (IA)^3 can scale include "
-            f"{', '.join(examples[:_EXAMPLES_IN_ERRORS]) or 'none'}" + (", ..." if len(examples) > _EXAMPLES_IN_ERRORS else "")
-        )
-    return selected
+    selected = select_modules(model, targets, config, _ADAPTABLE, described=described, legacy_names=legacy_names)
+    return [
+        Target(target.name, target.module, any(_is_feedforward(n, feedforward) for n in target.spellings))
+        for target in selected
+    ]

@@ -20,47 +20,37 @@ place (same identity, same tensors), and the model is exactly as before.
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
 from prefix_hooks.core import swaps
 from prefix_hooks.core.attachment import Attachment, UndoStack, attachments_of
 from prefix_hooks.core.checkpoints import built_or_loaded
+from prefix_hooks.core.config_fields import require_config
 from prefix_hooks.core.disabled_blocks import DisabledBlocks
+from prefix_hooks.core.merged_weights import check_no_other_merge
 from prefix_hooks.core.modules_to_save import ModulesToSaveWrapper
-from prefix_hooks.core.rows import adapter_rows_context
+from prefix_hooks.core.places import Place
+from prefix_hooks.core.saved_modules import trainable_copy
 from prefix_hooks.core.switch import Switch
+from prefix_hooks.lora.activation import active_adapters, adapter_rows, set_active_adapters  # also here, as before
 from prefix_hooks.lora.config import LoraConfig
 from prefix_hooks.lora.layers import LoraLayer, wrap_module
+from prefix_hooks.lora.merging import bake_adapter, unmerge_adapter
 from prefix_hooks.lora.targets import select_modules_to_save, select_targets, task_modules_to_save
 
-
-@dataclass(frozen=True)
-class _Place:
-    """Where a module sits: ``model.<parent_path>._modules[child_name]``, and the module itself."""
-
-    name: str
-    parent_path: tuple[str, ...]
-    child_name: str
-    original: nn.Module
-
-    @classmethod
-    def of(cls, name: str, original: nn.Module) -> _Place:
-        *parent, child = name.split(".")
-        return cls(name, tuple(parent), child, original)
+__all__ = ["LoraAttachment", "active_adapters", "adapter_rows", "attach_lora", "set_active_adapters"]
 
 
 @dataclass(frozen=True)
 class _Target:
     """A target module and the LoRA layer that owns this adapter's factors while detached."""
 
-    place: _Place
+    place: Place
     home: LoraLayer  # wraps the original but is never in the model; holds only this adapter
 
 
@@ -78,38 +68,17 @@ class LoraAttachment(Attachment):
 
     def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> None:
         super().__init__(model, adapter_name)
-        if not isinstance(config, LoraConfig):
-            kind = f"{type(config).__module__}.{type(config).__qualname__}"
-            raise TypeError(
-                f"config must be a prefix_hooks.LoraConfig, got {kind}; a PEFT config converts with "
-                "prefix_hooks.LoraConfig(**{k: v for k, v in peft_config.to_dict().items() "
-                "if k in prefix_hooks.LoraConfig.__dataclass_fields__})"
-            )
-        self.config = config
+        self.config = require_config(config, LoraConfig)
         with swaps.lock:
             view = swaps.clean_view(model)  # the model as it is without adapters: names and originals
             names = select_targets(view, config)
             saved = select_modules_to_save(view, config.modules_to_save or [], optional=task_modules_to_save(config))
-            modules = dict(view.named_modules())
-            real = {id(m) for m in model.modules()}
-            state = swaps.state_of(model)
-            real.update(id(swap.original) for swap in (state.swaps.values() if state else ()))
-            for name in [*names, *saved]:
-                if id(modules[name]) not in real:  # a stand-in of the view: a swap lies inside it
-                    raise ValueError(
-                        f"{name!r} contains modules that attached LoRA adapters replaced; it cannot be a target or "
-                        "a module to save while they are attached"
-                    )
+            modules = swaps.originals(model, view, [*names, *saved], "a target or a module to save")
         trainable = not config.inference_mode
         self._switch = Switch()  # what disabled() turns off in one thread / task; the layers and wrappers hold it
-        self._targets = [self._build_target(_Place.of(name, modules[name])) for name in names]
-        self._saved: list[tuple[_Place, nn.Module]] = []
+        self._targets = [self._build_target(Place.of(name, modules[name])) for name in names]
+        self._saved = [(Place.of(name, modules[name]), trainable_copy(modules[name], trainable)) for name in saved]
         self._biases: list[nn.Parameter] = []  # base biases trained while attached (bias="all"/"lora_only")
-        for name in saved:
-            original = modules[name]
-            duplicate = copy.deepcopy(original)
-            duplicate.requires_grad_(trainable)
-            self._saved.append((_Place.of(name, original), duplicate))
         for parameter in self.parameters():
             parameter.requires_grad_(trainable)
         self.target_names = names
@@ -117,7 +86,7 @@ class LoraAttachment(Attachment):
         self._merged = False
         self._disabled_blocks = DisabledBlocks(f"LoRA adapter {adapter_name!r}")  # guarded by swaps.lock
 
-    def _build_target(self, place: _Place) -> _Target:
+    def _build_target(self, place: Place) -> _Target:
         home = wrap_module(place.original)
         home.switches[self.adapter_name] = self._switch
         rank, alpha = self.config.rank_and_alpha(place.name)
@@ -168,49 +137,9 @@ class LoraAttachment(Attachment):
                     "give each adapter its own adapter_name"
                 )
             for target in self._targets:
-                self._parent_of(target.place, LoraLayer)
+                swaps.parent_for(self.model, target.place, LoraLayer)
             for place, _ in self._saved:
-                self._parent_of(place, ModulesToSaveWrapper)
-
-    def _parent_of(self, place: _Place, kind: type[nn.Module]) -> nn.Module:
-        """The module holding ``place`` now, after checking that it still holds the original
-        (or a ``kind`` swap of it made by another adapter).
-
-        Raises:
-            RuntimeError: the model changed since the adapter was built, or the module lies
-                inside a module another adapter swapped.
-        """
-        state = swaps.state_of(self.model)
-        replacements = {id(swap.replacement): name for name, swap in state.swaps.items()} if state else {}
-        parent = self.model
-        for depth, key in enumerate(place.parent_path):
-            child = parent._modules.get(key)
-            if child is None:
-                raise RuntimeError(
-                    f"{place.name!r}: the model has no module {'.'.join(place.parent_path[: depth + 1])!r} any more; "
-                    "build the adapter again for the model as it is now"
-                )
-            if id(child) in replacements:
-                raise RuntimeError(
-                    f"{place.name!r} lies inside {replacements[id(child)]!r}, which another LoRA adapter replaced "
-                    "(as a target or a module to save); the two adapters cannot be attached together"
-                )
-            parent = child
-        current = parent._modules.get(place.child_name)
-        swap = state.swaps.get(place.name) if state else None
-        if current is place.original and swap is None:
-            return parent
-        if swap is not None and current is swap.replacement and swap.original is place.original:
-            if not isinstance(current, kind):
-                raise RuntimeError(
-                    f"{place.name!r} is a {'module to save' if kind is LoraLayer else 'LoRA target'} of adapters "
-                    f"{swap.users}; it cannot also be a {'LoRA target' if kind is LoraLayer else 'module to save'} here"
-                )
-            return parent
-        raise RuntimeError(
-            f"{place.name!r} is no longer the module this adapter was built for (found {type(current).__name__}); "
-            "build the adapter again for the model as it is now"
-        )
+                swaps.parent_for(self.model, place, ModulesToSaveWrapper)
 
     def _install(self, undo: UndoStack) -> None:
         with swaps.lock:
@@ -221,19 +150,15 @@ class LoraAttachment(Attachment):
         state = swaps.acquire_model(self.model, name, self, undo)
         for target in self._targets:
             place = target.place
-            layer = state.acquire_swap(
-                place.name, self._parent_of(place, LoraLayer), place.child_name, place.original, wrap_module, name
-            )
+            layer = state.acquire_swap(place, swaps.parent_for(self.model, place, LoraLayer), wrap_module, name)
             undo.push(_bound(state.release_swap, place.name, name))
             assert isinstance(layer, LoraLayer)
             _lend(target.home, layer, name)
             undo.push(_bound(layer.delete_adapter, name))
             swaps.match_training(layer, place.original)
         for place, duplicate in self._saved:
-            wrapper = state.acquire_swap(
-                place.name, self._parent_of(place, ModulesToSaveWrapper), place.child_name, place.original,
-                ModulesToSaveWrapper, name,
-            )
+            parent = swaps.parent_for(self.model, place, ModulesToSaveWrapper)
+            wrapper = state.acquire_swap(place, parent, ModulesToSaveWrapper, name)
             undo.push(_bound(state.release_swap, place.name, name))
             assert isinstance(wrapper, ModulesToSaveWrapper)
             wrapper.add_copy(name, duplicate, switch=self._switch)
@@ -336,7 +261,8 @@ class LoraAttachment(Attachment):
         Raises:
             RuntimeError: not attached, the adapter is not active, a ``disabled()`` block of it
                 is open in this or another thread / task (a merged adapter always applies), or
-                a target's weight holds a merged (IA)^3 vector.
+                a target's weight holds another method's merged update
+                (:mod:`prefix_hooks.core.merged_weights`).
         """
         with swaps.lock:
             layers = self._layers()
@@ -350,34 +276,17 @@ class LoraAttachment(Attachment):
                     "a merged adapter always applies, so activate it before merging"
                 )
             self._disabled_blocks.check_closed(self.is_enabled, "merge it")
-            self._check_no_merged_ia3(layers)
+            check_no_other_merge(self.model, {t.place.name: t.place.original for t in self._targets}, "LoRA")
             for layer in layers:
                 layer.merge([self.adapter_name])
             self._merged = True
-
-    @staticmethod
-    def _check_no_merged_ia3(layers: Sequence[LoraLayer]) -> None:
-        from prefix_hooks.ia3 import scaling  # late: IA3 imports LoRA
-
-        for layer in layers:
-            found = scaling.scaling_of(layer.base_layer)
-            if found is not None and any(entry.merged for entry in found.entries):
-                raise RuntimeError(
-                    f"the weight of {type(layer.base_layer).__name__} {id(layer.base_layer):#x} holds a merged (IA)^3 "
-                    "vector; unmerge the (IA)^3 adapter before merging LoRA into the same module (each restores the "
-                    "weight it saw)"
-                )
 
     def unmerge(self) -> None:
         """Take this adapter out of the base weights (no-op when it is not merged)."""
         with swaps.lock:
             if not self._merged:
                 return
-            for layer in self._layers():
-                others = [name for name in layer.merged_adapters if name != self.adapter_name]
-                layer.unmerge()  # copies the saved original back: bit-exact
-                if others:
-                    layer.merge(others)
+            unmerge_adapter(self._layers(), self.adapter_name)
             self._merged = False
 
     def _unmerge_on_detach(self) -> None:
@@ -406,14 +315,8 @@ class LoraAttachment(Attachment):
             if not self.is_attached:
                 self.attach()
             self.unmerge()
-            with swaps.lock, torch.no_grad():
-                for layer in self._layers():
-                    others = list(layer.merged_adapters)
-                    layer.unmerge()
-                    weight = layer.base_weight()
-                    weight.add_(layer.delta_weight(self.adapter_name).to(weight.device))  # the new base weight
-                    if others:
-                        layer.merge(others)
+            with swaps.lock:
+                bake_adapter(self._layers(), self.adapter_name)
                 for place, duplicate in self._saved:
                     place.original.load_state_dict(duplicate.state_dict())  # copies into the original tensors
             self.detach()
@@ -450,59 +353,6 @@ def _lend(home: LoraLayer, layer: LoraLayer, adapter_name: str) -> None:
             getattr(layer, key)[adapter_name] = value[adapter_name]
 
 
-def set_active_adapters(model: nn.Module, names: Sequence[str]) -> None:
-    """Make exactly ``names`` the active LoRA adapters of ``model`` (in that order; ``[]`` = none).
-
-    Raises:
-        ValueError: a name is not a LoRA adapter attached to ``model``.
-        RuntimeError: a merged adapter would become inactive (unmerge it first).
-    """
-    if isinstance(names, str):
-        raise TypeError(f"names must be a list of adapter names, got the string {names!r}")
-    with swaps.lock:
-        state = swaps.state_of(model)
-        if state is None:
-            raise ValueError(f"no LoRA adapter is attached to {type(model).__name__}; cannot activate {list(names)}")
-        attached = dict(state.adapters)
-        unknown = [name for name in names if name not in attached]
-        if unknown:
-            raise ValueError(
-                f"{unknown} are not LoRA adapters attached to {type(model).__name__}; attached: {sorted(attached)}"
-            )
-        for name, attachment in attached.items():
-            if attachment.is_merged and name not in names:
-                raise RuntimeError(f"LoRA adapter {name!r} is merged; unmerge() it before deactivating it")
-        state.active = list(dict.fromkeys(names))
-        state.refresh()
-
-
-def active_adapters(model: nn.Module) -> list[str]:
-    """The active LoRA adapters of ``model`` that run in this thread / task (not inside their
-    ``disabled()`` block here), in order."""
-    with swaps.lock:
-        state = swaps.state_of(model)
-        return state.effective_active() if state is not None else []
-
-
-@contextlib.contextmanager
-def adapter_rows(model: nn.Module, names: Sequence[str]) -> Iterator[None]:
-    """Give each batch row its own LoRA adapter for the forwards run inside the block.
-
-    Row ``b`` gets the adapter named ``names[b]`` (``"__base__"``: no adapter), whatever the
-    active set. The same works as a forward keyword, ``model(**batch, adapter_names=names)``;
-    ``model.generate()`` rejects keywords its model does not declare, so for generation use
-    ``with adapter_rows(model, names): model.generate(...)``.
-
-    Raises:
-        ValueError / TypeError: a name is not an adapter attached to ``model`` (checked here),
-            or, at forward time, the number of names is not the batch size.
-    """
-    with swaps.lock:
-        swaps.check_row_names(model, swaps.state_of(model), names)
-    with adapter_rows_context(names):
-        yield
-
-
 def attach_lora(
     model: nn.Module, config: LoraConfig | str | os.PathLike[str], adapter_name: str = "default"
 ) -> LoraAttachment:
@@ -516,18 +366,18 @@ def attach_lora(
 
     Args:
         model: any ``nn.Module`` (a transformers model for ``target_modules=None``).
-        config: the LoRA config.
-            Or the path (``str`` / ``os.PathLike``) of a saved adapter folder, ours or
-            PEFT's, or a hub id: the adapter is loaded frozen (``load_adapter(...,
-            trainable=True)`` resumes training).
-        adapter_name: a Python identifier naming the adapter.
+        config: the :class:`LoraConfig`; or a folder or hub id where a LoRA adapter was saved
+            (ours or PEFT's), loaded frozen: ``load_adapter(..., trainable=True)`` resumes training
+            (see :func:`~prefix_hooks.core.checkpoints.built_or_loaded`).
+        adapter_name: a Python identifier naming the adapter; its key in the shared layers.
 
     Returns:
         The (not yet attached) :class:`LoraAttachment`.
 
     Raises:
         TypeError: ``config`` is not a :class:`LoraConfig`.
-        ValueError: the targets or modules to save match nothing or an unsupported module.
+        ValueError: the targets or modules to save match nothing, or a target LoRA cannot
+            wrap (:data:`~prefix_hooks.lora.targets.SUPPORTED_MODULE_TYPES`).
 
     Example:
         >>> with attach_lora(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"])) as handle:

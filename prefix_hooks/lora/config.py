@@ -8,71 +8,66 @@ with ``use_rslora``), Hu et al. (2021). The config says which modules get an ada
 
 from __future__ import annotations
 
-import dataclasses
-import enum
 import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from prefix_hooks.core.config import AdapterConfig, PeftType, TaskType
+from prefix_hooks.core.config import AdapterConfig, PeftType
+from prefix_hooks.core.config_fields import (
+    check_regex,
+    checked_module_fields,
+    is_int,
+    is_number,
+)
+from prefix_hooks.core.targets import ALL_LINEAR
 
-ALL_LINEAR = "all-linear"
-"""``target_modules`` shorthand (case-insensitive, as PEFT): every Linear / Conv1D but the output head."""
+__all__ = [
+    "ALL_LINEAR",
+    "BIAS_MODES",
+    "LORA_PEFT_TYPE",
+    "LoraConfig",
+    "check_init_lora_weights",
+    "check_lora_numbers",
+    "lora_scaling",
+]
 
 BIAS_MODES = ("none", "all", "lora_only")
 LORA_PEFT_TYPE = PeftType.LORA
+INIT_LORA_WEIGHTS = (True, False, "gaussian")
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def check_lora_numbers(r: object, alpha: object, dropout: object, where: str = "") -> None:
+    """Raise ``ValueError`` naming the first of rank ``r``, ``alpha`` and ``dropout`` LoRA does not accept.
+
+    Args:
+        where: appended to the value in the message (e.g. ``" for adapter 'sql'"``).
+    """
+    if not is_int(r) or r <= 0:
+        raise ValueError(f"r={r!r} is not accepted{where}; expected a positive int (the LoRA rank)")
+    if not is_number(alpha) or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"lora_alpha={alpha!r} is not accepted{where}; expected a positive number")
+    if not is_number(dropout) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"lora_dropout={dropout!r} is not accepted{where}; expected a float with 0 <= p < 1")
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
+    """``alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora`` (Kalajdzievski, 2023)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
-def _check_regex(name: str, pattern: str) -> None:
-    try:
-        re.compile(pattern)
-    except re.error as err:
-        raise ValueError(f"{name}={pattern!r} is not a valid regular expression ({err})") from None
+def check_init_lora_weights(value: object, where: str = "") -> None:
+    """Raise ``ValueError`` unless ``value`` is an ``init_lora_weights`` this package implements.
 
-
-def _check_bool(name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name}={value!r} is not accepted; expected True or False")
-
-
-def _names(name: str, value: object, *, allow_empty: bool) -> set[str]:
-    """A list/set/tuple of non-empty module names as a set; raise naming ``value`` otherwise."""
-    if not isinstance(value, (list, set, tuple, frozenset)) or not all(
-        isinstance(item, str) and item for item in value
-    ):
+    Args:
+        where: appended to the value in the message (e.g. ``" for adapter 'sql'"``).
+    """
+    if value not in INIT_LORA_WEIGHTS or not isinstance(value, (bool, str)):
         raise ValueError(
-            f"{name}={value!r} is not accepted; expected a list of module names (exact name or dotted "
-            "suffix), a regular expression string, or None"
+            f"init_lora_weights={value!r} is not accepted{where}; expected True (Kaiming-uniform A, zero B), "
+            "'gaussian' or False"
         )
-    if not value and not allow_empty:
-        raise ValueError(f"{name}={value!r} selects no module; give at least one name, a regex, or None")
-    return set(value)
-
-
-def _module_filter(name: str, value: object, *, allow_empty: bool) -> set[str] | str | None:
-    """Validate ``target_modules`` / ``exclude_modules``: None, a regex string or a collection of names."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        if value.lower() == ALL_LINEAR:
-            if name != "target_modules":
-                raise ValueError(f"{name}={value!r} is not accepted; {ALL_LINEAR!r} is a target_modules shorthand")
-            return value
-        if not value:
-            raise ValueError(f"{name}='' is not accepted; expected a non-empty regular expression")
-        _check_regex(name, value)
-        return value
-    return _names(name, value, allow_empty=allow_empty)
 
 
 def _pattern_dict(name: str, value: object, *, integer: bool) -> dict[str, Any]:
@@ -82,8 +77,8 @@ def _pattern_dict(name: str, value: object, *, integer: bool) -> dict[str, Any]:
     for key, item in value.items():
         if not isinstance(key, str) or not key:
             raise ValueError(f"{name} key {key!r} is not accepted; expected a non-empty module-name regex")
-        _check_regex(f"{name} key", key)
-        valid = _is_int(item) if integer else _is_number(item)
+        check_regex(f"{name} key", key)
+        valid = is_int(item) if integer else is_number(item)
         if not valid or item <= 0 or (not integer and not math.isfinite(item)):
             raise ValueError(f"{name}[{key!r}]={item!r} is not accepted; expected {accepted}")
     return dict(value)
@@ -165,68 +160,33 @@ class LoraConfig(AdapterConfig):
     peft_type: PeftType | str = field(default=LORA_PEFT_TYPE, kw_only=True)
 
     def __post_init__(self) -> None:
-        if not _is_int(self.r) or self.r <= 0:
-            raise ValueError(f"r={self.r!r} is not accepted; expected a positive int (the LoRA rank)")
-        if not _is_number(self.lora_alpha) or not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0:
-            raise ValueError(f"lora_alpha={self.lora_alpha!r} is not accepted; expected a positive number")
-        if not _is_number(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout={self.lora_dropout!r} is not accepted; expected a float with 0 <= p < 1")
-        target_modules = _module_filter("target_modules", self.target_modules, allow_empty=False)
-        exclude_modules = _module_filter("exclude_modules", self.exclude_modules, allow_empty=True)
-        layers_to_transform = self._checked_layers_to_transform()
-        layers_pattern = self._checked_layers_pattern()
-        if isinstance(target_modules, str) and layers_to_transform is not None:
+        check_lora_numbers(self.r, self.lora_alpha, self.lora_dropout)
+        checked = checked_module_fields(self, LORA_PEFT_TYPE, ("use_rslora", "fan_in_fan_out", "inference_mode"))
+        checked["layers_to_transform"] = layers_to_transform = self._checked_layers_to_transform()
+        checked["layers_pattern"] = layers_pattern = self._checked_layers_pattern()
+        if isinstance(checked["target_modules"], str) and layers_to_transform is not None:
             raise ValueError(
                 f"layers_to_transform={layers_to_transform!r} needs target_modules as a list of names, not the "
-                f"string {target_modules!r}; put the layer numbers into the regex instead"
+                f"string {checked['target_modules']!r}; put the layer numbers into the regex instead"
             )
         if layers_pattern is not None and layers_to_transform is None:
             raise ValueError(f"layers_pattern={layers_pattern!r} is set but layers_to_transform is None; set both")
-        rank_pattern = _pattern_dict("rank_pattern", self.rank_pattern, integer=True)
-        alpha_pattern = _pattern_dict("alpha_pattern", self.alpha_pattern, integer=False)
-        for name in ("use_rslora", "fan_in_fan_out", "inference_mode"):
-            _check_bool(name, getattr(self, name))
-        if self.init_lora_weights not in (True, False, "gaussian") or not isinstance(
-            self.init_lora_weights, (bool, str)
-        ):
-            raise ValueError(
-                f"init_lora_weights={self.init_lora_weights!r} is not accepted; expected True (Kaiming-uniform A, "
-                "zero B), 'gaussian' or False"
-            )
+        checked["rank_pattern"] = _pattern_dict("rank_pattern", self.rank_pattern, integer=True)
+        checked["alpha_pattern"] = _pattern_dict("alpha_pattern", self.alpha_pattern, integer=False)
+        check_init_lora_weights(self.init_lora_weights)
         if self.bias not in BIAS_MODES:
             raise ValueError(f"bias={self.bias!r} is not accepted; expected one of {', '.join(BIAS_MODES)}")
-        modules_to_save = None
-        if self.modules_to_save is not None:
-            if isinstance(self.modules_to_save, str):
-                raise ValueError(
-                    f"modules_to_save={self.modules_to_save!r} is not accepted; expected a list of module names"
-                )
-            names = _names("modules_to_save", self.modules_to_save, allow_empty=True)
-            # A list keeps the user's order (duplicates dropped); a set has none, so sort it.
-            ordered = sorted(names) if isinstance(self.modules_to_save, (set, frozenset)) else self.modules_to_save
-            modules_to_save = list(dict.fromkeys(ordered))
-        task_type = self._checked_task_type()
-        if self.peft_type != LORA_PEFT_TYPE:
-            raise ValueError(f"peft_type={self.peft_type!r} is not accepted; expected {LORA_PEFT_TYPE.value!r}")
         self._check_common_fields()
-        # Everything is valid: store the normalised values.
-        self.target_modules = target_modules
-        self.exclude_modules = exclude_modules
-        self.layers_to_transform = layers_to_transform
-        self.layers_pattern = layers_pattern
-        self.rank_pattern = rank_pattern
-        self.alpha_pattern = alpha_pattern
-        self.modules_to_save = modules_to_save
-        self.task_type = task_type
-        self.peft_type = PeftType.LORA
+        for name, value in checked.items():  # everything is valid: store the normalised values
+            setattr(self, name, value)
 
     def _checked_layers_to_transform(self) -> list[int] | int | None:
         value = self.layers_to_transform
         if value is None:
             return None
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        if is_int(value) and value >= 0:
             return value
-        if isinstance(value, (list, tuple)) and all(_is_int(item) and item >= 0 for item in value):
+        if isinstance(value, (list, tuple)) and all(is_int(item) and item >= 0 for item in value):
             return list(value)
         raise ValueError(
             f"layers_to_transform={value!r} is not accepted; expected a layer index >= 0, a list of them, or None"
@@ -243,17 +203,8 @@ class LoraConfig(AdapterConfig):
                 "e.g. 'layers', or a list of them"
             )
         for item in items:
-            _check_regex("layers_pattern", item)
+            check_regex("layers_pattern", item)
         return value if isinstance(value, str) else list(value)
-
-    def _checked_task_type(self) -> TaskType | None:
-        if self.task_type is None:
-            return None
-        try:
-            return TaskType(self.task_type)
-        except ValueError:
-            accepted = ", ".join(t.value for t in TaskType)
-            raise ValueError(f"task_type={self.task_type!r} is not accepted; expected one of {accepted} or None") from None
 
     def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
         """Rank and alpha of the adapter on ``module_name`` (a qualified name from ``named_modules()``).
@@ -271,18 +222,4 @@ class LoraConfig(AdapterConfig):
     def scaling(self, module_name: str) -> float:
         """``alpha / r`` for ``module_name`` (``alpha / sqrt(r)`` with ``use_rslora``)."""
         rank, alpha = self.rank_and_alpha(module_name)
-        return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict with PEFT's key names (sets as sorted lists, enums as strings)."""
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, (set, frozenset)):
-                value = sorted(value)
-            elif isinstance(value, enum.Enum):
-                value = value.value
-            elif isinstance(value, (dict, list)):
-                value = type(value)(value)
-            out[f.name] = value
-        return out
+        return lora_scaling(rank, alpha, self.use_rslora)

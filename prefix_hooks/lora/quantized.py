@@ -5,7 +5,7 @@ on the unquantised input, as in PEFT's ``lora.bnb`` layers::
 
     y = base_layer(x) + B(A(dropout(x))) * scaling        # A: (r, in), B: (out, r), float32
 
-Parameter names and shapes are those of :class:`prefix_hooks.lora.layers.LoraLinear`, so
+Parameter names and shapes are those of :class:`prefix_hooks.lora.layer_types.LoraLinear`, so
 PEFT QLoRA checkpoints load 1:1. Merging is not offered: folding a delta into a 4-/8-bit
 weight means dequantising, adding and quantising again, which changes the base weight by
 more than the delta and cannot be done in place; the unmerged forward is exact. Per-row
@@ -20,13 +20,14 @@ from __future__ import annotations
 import bitsandbytes as bnb
 from torch import nn
 
-from prefix_hooks.lora.layers import LoraLayer, _LinearFactorsLayer
+from prefix_hooks.lora.layer_types import LinearFactorsLayer
+from prefix_hooks.lora.lora_layer import LoraLayer
 
 QUANTIZED_TYPES: tuple[type[nn.Module], ...] = (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)
 """The bitsandbytes layer types LoRA can wrap."""
 
 
-class _QuantizedLinearLayer(_LinearFactorsLayer):
+class _QuantizedLinearLayer(LinearFactorsLayer):
     """A Linear-shaped LoRA layer whose base weight is quantised (no merging)."""
 
     def __init__(self, base_layer: nn.Linear) -> None:

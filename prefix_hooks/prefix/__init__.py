@@ -18,8 +18,8 @@ here with a :class:`DeprecationWarning` (see :mod:`prefix_hooks.core.moved`).
 
 from typing import Any
 
-from prefix_hooks.core.moved import moved_attribute
 from prefix_hooks.core.compose import register_method
+from prefix_hooks.core.moved import moved_attribute
 from prefix_hooks.prefix.attachment import PrefixAttachment, attach_prefix
 from prefix_hooks.prefix.config import EncoderDecoderLayout, PrefixTuningConfig
 from prefix_hooks.prefix.encoder import PrefixEncoder

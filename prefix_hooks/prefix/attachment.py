@@ -17,11 +17,10 @@ On attach, in this order (each step undone on detach, in reverse):
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,11 +29,11 @@ import torch
 from torch import nn
 
 from prefix_hooks.core import parameter_versions
-from prefix_hooks.core.attachment import Attachment, Hold, UndoStack, attachments_of, freeze_parameters, register_child
+from prefix_hooks.core.attachment import Hold, UndoStack, attachments_of, freeze_parameters, register_child
 from prefix_hooks.core.calls import ForwardCall
 from prefix_hooks.core.checkpoints import built_or_loaded
 from prefix_hooks.core.devices import compute_device
-from prefix_hooks.core.saved_modules import SavedModules, task_heads
+from prefix_hooks.core.saved_modules import SavedModules, SavedModulesAttachment, task_heads
 from prefix_hooks.core.shadows import shadow_forward
 from prefix_hooks.core.transformers_compat import require_known_cache_parameter
 from prefix_hooks.prefix import interposer as attention_interposer
@@ -157,7 +156,7 @@ def _model_dims(
     return dims, sites
 
 
-class PrefixAttachment(Attachment):
+class PrefixAttachment(SavedModulesAttachment):
     """A prefix-tuning adapter for one model; see :func:`attach_prefix`.
 
     Attributes:
@@ -215,15 +214,8 @@ class PrefixAttachment(Attachment):
         require_known_cache_parameter(module)
         return _Root(module, list(inspect.signature(module.forward).parameters), offset)
 
-    def adapter_modules(self) -> list[nn.Module]:
-        return [self.encoder, *self.saved_modules.copies()]
-
-    @contextlib.contextmanager
-    def disabled(self) -> Iterator[None]:
-        """The base model's outputs inside: the prefix is off in this thread (and async task), the
-        modules to save run their originals model-wide (a wrapper has one switch)."""
-        with self.saved_modules.disabled(), super().disabled():
-            yield
+    def _method_module(self) -> nn.Module:
+        return self.encoder
 
     def _check_implementation(self) -> None:
         implementation = getattr(self.model.config, "_attn_implementation", None)

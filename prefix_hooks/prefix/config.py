@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prefix_hooks.core.config import AdapterConfig, PeftType, TaskType, check_positive_int
 
@@ -140,14 +140,6 @@ class PrefixTuningConfig(AdapterConfig):
     def effective_position_offset(self) -> int:
         """Position of the first real token: ``position_offset``, or ``P`` when unset."""
         return self.num_virtual_tokens if self.position_offset is None else self.position_offset
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict (enums as their string values)."""
-        out = dataclasses.asdict(self)
-        for key, value in out.items():
-            if isinstance(value, enum.Enum):
-                out[key] = value.value
-        return out
 
 
 def resolve_prefix_config(config: PrefixTuningConfig, dims: ModelDims) -> PrefixTuningConfig:

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import wrapt
+from transformers.cache_utils import Cache
 
 
 class PromptCacheView(wrapt.ObjectProxy):
@@ -57,3 +58,19 @@ class PromptCacheView(wrapt.ObjectProxy):
 def real_cache(cache: Any) -> Any:
     """The cache behind a :class:`PromptCacheView` (``cache`` itself otherwise)."""
     return cache.__wrapped__ if isinstance(cache, PromptCacheView) else cache
+
+
+def filled_cache(cache: object, keyword: str | None) -> Cache | None:
+    """``cache`` (passed as ``keyword``) if it already holds positions, ``None`` if it is absent or empty.
+
+    Raises:
+        TypeError: ``cache`` is not a transformers ``Cache``.
+    """
+    if cache is None:
+        return None
+    if not isinstance(cache, Cache):
+        raise TypeError(
+            f"{keyword} of type {type(cache).__name__} is not accepted with prompt tuning; expected a "
+            "transformers Cache (e.g. DynamicCache)"
+        )
+    return cache if cache.get_seq_length() else None

@@ -10,7 +10,6 @@ the adapter is built.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import os
 from dataclasses import dataclass, field
@@ -137,14 +136,6 @@ class PromptLearningConfig(AdapterConfig):
     def total_virtual_tokens(self) -> int:
         """``T = num_virtual_tokens * num_transformer_submodules`` (1 when unresolved)."""
         return self.num_virtual_tokens * (self.num_transformer_submodules or 1)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict (enums as their string values)."""
-        out = dataclasses.asdict(self)
-        for key, value in out.items():
-            if isinstance(value, enum.Enum):
-                out[key] = value.value
-        return out
 
 
 @dataclass

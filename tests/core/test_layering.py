@@ -20,7 +20,7 @@ PACKAGE_ROOT = Path(prefix_hooks.__file__).parent
 METHODS = ("prefix", "prompt", "lora", "ia3")
 LAYER = {"core": 0, **dict.fromkeys(METHODS, 1), "families": 2, "checkpoint": 3}
 TOP = 4
-"""Everything else directly under ``prefix_hooks/`` (``__init__``, ``check``, ``_tiny_models``)."""
+"""Everything else directly under ``prefix_hooks/`` (``__init__`` and the ``check`` package, the self-check)."""
 
 
 def unit_of(module: str) -> str:

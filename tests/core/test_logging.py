@@ -14,7 +14,7 @@ from prefix_hooks import LoraConfig, PrefixTuningConfig, attach_lora, attach_pre
 
 PACKAGE = Path(prefix_hooks.__file__).parent
 ALLOWED_PRINTS = {"print_trainable_parameters"}  # PEFT's API prints its report; so does ours
-COMMANDS = {"check.py"}  # command-line programs (``python -m prefix_hooks.check``) print their report
+COMMANDS = {"check/cli.py"}  # command-line programs (``python -m prefix_hooks.check``) print their report
 
 
 def print_calls() -> list[str]:

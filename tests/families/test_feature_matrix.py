@@ -1,4 +1,4 @@
-"""Every method on every supported family, and the README's feature table rendered from this matrix.
+"""Every method on every supported family, and the feature table of ``docs/families.md`` rendered from this matrix.
 
 Per cell (``feature_matrix.CELLS``): the adapter, with weights that are clearly not a no-op,
 changes the model's output; cached greedy ``generate()`` equals uncached (generating families);
@@ -115,10 +115,12 @@ def test_families_in_parametrize_ids() -> None:
 
 
 @pytest.mark.slow
-def test_readme_table_is_rendered_from_the_test_matrix() -> None:
+def test_the_docs_table_is_rendered_from_the_test_matrix() -> None:
     parity = feature_matrix.parity_cells()
     assert ("prefix", "llama") in parity and ("p-tuning", "bert") in parity and ("ia3", "gpt2") in parity
     assert parity <= set(feature_matrix.CELLS)
     expected = feature_matrix.render(parity)
-    got = feature_matrix.readme_table(feature_matrix.README.read_text())
-    assert got == expected, "README.md's feature table is stale: run `.venv/bin/python tests/support/feature_matrix.py --write`"
+    got = feature_matrix.page_table(feature_matrix.PAGE.read_text())
+    assert got == expected, (
+        "docs/families.md's feature table is stale: run `.venv/bin/python tests/support/feature_matrix.py --write`"
+    )

@@ -26,7 +26,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from shared_fixtures import cache_kwargs
+from shared_fixtures import cache_kwargs, feed_chunks
 from tiny_models import build_model, family_backend_pairs, implementations, random_batch
 from transformers import DynamicCache, PreTrainedModel, StaticCache
 from transformers.cache_utils import DynamicLayer
@@ -142,33 +142,6 @@ def assert_prefix_matters(handle: PrefixAttachment, logits: torch.Tensor, forwar
         base = forward()
     difference = (logits - base).abs().max().item()
     assert difference > MIN_PREFIX_EFFECT, f"the prefix changed logits by only {difference:.2e}; the test is vacuous"
-
-
-def feed_chunks(
-    model: PreTrainedModel,
-    input_ids: torch.Tensor,
-    plan: list[int],
-    cache: DynamicCache | StaticCache,
-    attention_mask: torch.Tensor | None = None,
-    position_ids: torch.Tensor | None = None,
-    after_chunk: Callable[[int], None] | None = None,
-) -> torch.Tensor:
-    """Feed ``input_ids`` chunk by chunk into ``cache``; return the logits of all positions."""
-    logits = []
-    start = 0
-    for size in plan:
-        end = start + size
-        kwargs: dict[str, Any] = {}
-        if attention_mask is not None:
-            kwargs["attention_mask"] = attention_mask[:, :end]  # (B, past + chunk)
-        if position_ids is not None:
-            kwargs["position_ids"] = position_ids[:, start:end]  # (B, chunk)
-        out = model(input_ids=input_ids[:, start:end], **cache_kwargs(model, cache), use_cache=True, **kwargs)
-        logits.append(out.logits)
-        if after_chunk is not None:
-            after_chunk(end)
-        start = end
-    return torch.cat(logits, dim=1)  # (B, T, V)
 
 
 def cached_shapes(cache: DynamicCache) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from shared_fixtures import checkpointing_enabled
+from shared_fixtures import assert_bitwise_equal, checkpointing_enabled, clone_state
 from tiny_models import build_model, random_batch
 from torch import nn
 from transformers import PreTrainedModel
@@ -43,16 +43,6 @@ def lm_batch(seed: int = 0) -> dict[str, torch.Tensor]:
     batch = random_batch(BSZ, SEQ_LEN, seed=seed, left_pad=[0, 2])
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     return {**batch, "labels": labels}
-
-
-def clone_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
-
-
-def assert_bitwise_equal(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> None:
-    assert list(after) == list(before)
-    changed = [name for name in before if not torch.equal(before[name], after[name])]
-    assert not changed, f"base tensors changed: {changed}"
 
 
 # --- 1. gradients reach the encoder and nothing else ----------------------------------

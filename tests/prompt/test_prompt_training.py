@@ -20,6 +20,7 @@ import peft
 import pytest
 import torch
 from restoration import assert_untouched, snapshot, warm_up
+from shared_fixtures import assert_bitwise_equal, clone_state
 from tiny_encoders import NUM_LABELS, build_head, text_batch
 from tiny_models import build_model, random_batch
 from tiny_seq2seq import build as build_seq2seq
@@ -93,16 +94,6 @@ def freeze_some(model: nn.Module) -> dict[str, bool]:
 
 def adapter_grads(handle: PromptAttachment) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in handle.prompt_encoder.named_parameters() if p.grad is not None}
-
-
-def clone_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
-
-
-def assert_bitwise_equal(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> None:
-    assert list(after) == list(before)
-    changed = [name for name in before if not torch.equal(before[name], after[name])]
-    assert not changed, f"base tensors changed: {changed}"
 
 
 # --- 1. gradients reach the adapter and nothing else ------------------------------------------

@@ -1,6 +1,6 @@
-"""The method x family feature matrix: what the tests run, and the README table rendered from it.
+"""The method x family feature matrix: what the tests run, and the docs table rendered from it.
 
-Two sources, both read from the test suite itself so the README cannot drift:
+Two sources, both read from the test suite itself so ``docs/families.md`` cannot drift:
 
 - :data:`CELLS`: every (method, family) pair that ``tests/families/test_feature_matrix.py`` runs (the
   adapter changes the output, detach restores it bit-exactly, cached greedy generation equals
@@ -8,8 +8,8 @@ Two sources, both read from the test suite itself so the README cannot drift:
 - PEFT parity: the family names in the parametrize ids of the PEFT-parity test files, collected
   by ``pytest --collect-only`` (:func:`parity_cells`).
 
-``python tests/support/feature_matrix.py --write`` rewrites the README's table; the test fails when the
-README's table differs from :func:`render`.
+``python tests/support/feature_matrix.py --write`` rewrites the page's table; the test fails when the
+page's table differs from :func:`render`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ import tiny_seq2seq
 from prefix_hooks import supported
 
 ROOT = Path(__file__).resolve().parents[2]
-README = ROOT / "README.md"
+PAGE = ROOT / "docs" / "families.md"
+"""The page that shows the table, between :data:`START` and :data:`END`."""
 START, END = "<!-- feature-table:start -->", "<!-- feature-table:end -->"
 
 METHODS = ("prefix", "lora", "prompt", "p-tuning", "ia3")
@@ -41,7 +42,7 @@ KINDS: dict[str, tuple[str, ...]] = {
     "speech": ("whisper",),
     "multimodal": (tiny_encoders.LLAVA,),
 }
-"""Family kind -> model types, in README order."""
+"""Family kind -> model types, in the table's order."""
 
 REFUSED: dict[str, tuple[str, ...]] = {
     # prompt methods prepend token embeddings: no token inputs (vision, speech), or llava's image
@@ -105,7 +106,7 @@ def parity_cells() -> set[tuple[str, str]]:
 
 
 def render(parity: set[tuple[str, str]]) -> str:
-    """The README table: ✓ tested, ✓ᴾ also equal to PEFT on identical weights, ✗ refused."""
+    """The table: ✓ tested, ✓ᴾ also equal to PEFT on identical weights, ✗ refused."""
     header = "| Kind | Family | " + " | ".join(TITLES[m] for m in METHODS) + " |"
     lines = [header, "|" + "---|" * (len(METHODS) + 2)]
     tested = set(CELLS)
@@ -123,21 +124,21 @@ def render(parity: set[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
-def readme_table(text: str) -> str:
-    """The table between the README's markers."""
+def page_table(text: str) -> str:
+    """The table between the page's markers."""
     if START not in text or END not in text:
-        raise ValueError(f"README.md has no {START} ... {END} block")
+        raise ValueError(f"{PAGE.relative_to(ROOT)} has no {START} ... {END} block")
     return text[text.index(START) + len(START) : text.index(END)].strip("\n")
 
 
-def write_readme() -> None:
-    text = README.read_text()
+def write_page() -> None:
+    text = PAGE.read_text()
     table = render(parity_cells())
-    README.write_text(text[: text.index(START) + len(START)] + "\n" + table + "\n" + text[text.index(END) :])
+    PAGE.write_text(text[: text.index(START) + len(START)] + "\n" + table + "\n" + text[text.index(END) :])
 
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["--write"]:
-        write_readme()
+        write_page()
     else:
         print(render(parity_cells()))

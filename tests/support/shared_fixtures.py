@@ -1,7 +1,8 @@
 """Small helpers several test modules share: loading an example script as a module, a
-character-level tokenizer for pipelines, a causal-LM dataset for Trainer tests, passing a cache
-the way the installed transformers takes it, and running PEFT 0.21.2 on a transformers that
-renamed the cache argument (:data:`PEFT_CACHE_KEYWORD_STALE`)."""
+character-level tokenizer for pipelines, a causal-LM dataset for Trainer tests, a model's
+``state_dict`` compared bit for bit before and after training, passing a cache the way the
+installed transformers takes it (:func:`cache_kwargs`, :func:`feed_chunks`), and running PEFT 0.21.2 on a transformers that renamed the
+cache argument (:data:`PEFT_CACHE_KEYWORD_STALE`)."""
 
 from __future__ import annotations
 
@@ -79,12 +80,53 @@ class CausalRows(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
         return self.rows[index]
 
 
+def clone_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of every tensor in ``model.state_dict()``, by name."""
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def assert_bitwise_equal(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> None:
+    """The same names, in the same order, with bit-identical tensors (a :func:`clone_state` pair)."""
+    assert list(after) == list(before)
+    changed = [name for name in before if not torch.equal(before[name], after[name])]
+    assert not changed, f"base tensors changed: {changed}"
+
+
 def cache_kwargs(model: nn.Module, cache: object) -> dict[str, Any]:
     """``{keyword: cache}`` with the keyword ``model.forward`` takes its cache under (``cache`` since
     transformers 5.24, ``past_key_values`` before), never a deprecated spelling."""
     keyword = cache_keyword(forward_parameters(model))
     assert keyword is not None, f"{type(model).__name__}.forward takes no cache argument"
     return {keyword: cache}
+
+
+def feed_chunks(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    plan: list[int],
+    cache: Any,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    after_chunk: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Feed ``input_ids`` chunk by chunk (sizes ``plan``) into ``cache``, passed under the keyword the
+    installed transformers takes; the logits of all positions ``(B, T, V)``. ``after_chunk(end)`` runs
+    after each chunk."""
+    logits = []
+    start = 0
+    for size in plan:
+        end = start + size
+        kwargs: dict[str, Any] = {}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask[:, :end]  # (B, past + chunk)
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids[:, start:end]  # (B, chunk)
+        out = model(input_ids=input_ids[:, start:end], use_cache=True, **cache_kwargs(model, cache), **kwargs)
+        logits.append(out.logits)
+        if after_chunk is not None:
+            after_chunk(end)
+        start = end
+    return torch.cat(logits, dim=1)  # (B, T, V)
 
 
 def bridge_peft_cache_keyword(peft_model: _Model) -> _Model:

@@ -1,4 +1,5 @@
-"""Tiny, seeded encoder, vision and multimodal (llava) models, built from configs (no hub).
+"""Tiny, seeded encoder, vision and multimodal (llava) models, built from the self-check's configs
+(:mod:`prefix_hooks.check.tiny_models`; no hub).
 
 Exports the coverage interface: ``FAMILIES`` (model type -> attention implementations),
 ``build`` (the family's usual task model: sequence classification for text encoders,
@@ -19,53 +20,26 @@ from transformers import (
     AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
-    LlavaConfig,
     LlavaForConditionalGeneration,
     PreTrainedModel,
 )
 
 from prefix_hooks import PrefixAttachment, PrefixTuningConfig, attach_prefix
+from prefix_hooks.check.adapters import normal_weights
+from prefix_hooks.check.tiny_models import (
+    ENCODERS,
+    IMAGE_SIZE,
+    IMAGE_TOKEN,
+    IMAGE_TOKENS,
+    NUM_LABELS,
+    SEQ_LEN,
+    VISION,
+    VOCAB,
+    llava_config,
+)
 
-VOCAB = 96
-NUM_LABELS = 3
-SEQ_LEN = 7
-IMAGE_SIZE = 16
-PATCH_SIZE = 8  # (16 / 8)^2 = 4 patches per image
-IMAGE_TOKEN = VOCAB - 1  # llava's placeholder token
-IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2  # llava drops the CLS feature ("default" strategy)
-
-_BERT_LIKE = {
-    "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
-    "vocab_size": VOCAB, "max_position_embeddings": 64, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
-}
-_VISION = {
-    "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
-    "image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE, "num_channels": 3, "hidden_dropout_prob": 0.0,
-    "attention_probs_dropout_prob": 0.0,
-}
-
-TEXT_CONFIGS: dict[str, dict[str, Any]] = {
-    "bert": {**_BERT_LIKE, "pad_token_id": 0},
-    "roberta": {**_BERT_LIKE, "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2},
-    "xlm-roberta": {**_BERT_LIKE, "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2},
-    "electra": {**_BERT_LIKE, "embedding_size": 16, "pad_token_id": 0},  # embeddings narrower than hidden
-    "distilbert": {
-        "dim": 32, "n_layers": 2, "n_heads": 4, "hidden_dim": 64, "vocab_size": VOCAB, "max_position_embeddings": 64,
-        "dropout": 0.0, "attention_dropout": 0.0, "pad_token_id": 0,
-    },
-    "modernbert": {
-        "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
-        "vocab_size": VOCAB, "max_position_embeddings": 64,
-        "global_attn_every_n_layers": 2, "local_attention": 4,  # layer 1 slides: 2 keys either side
-        "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "cls_token_id": 1, "sep_token_id": 2,
-        "embedding_dropout": 0.0, "attention_dropout": 0.0, "mlp_dropout": 0.0,
-    },
-}
-VISION_CONFIGS: dict[str, dict[str, Any]] = {
-    "vit": _VISION,
-    "deit": {**_VISION, "architectures": ["DeiTForImageClassification"]},  # not the with-teacher variant
-    "dinov2": {**_VISION, "mlp_ratio": 2},
-}
+TEXT_CONFIGS: dict[str, dict[str, Any]] = ENCODERS
+VISION_CONFIGS: dict[str, dict[str, Any]] = VISION
 TEXT_FAMILIES = tuple(TEXT_CONFIGS)
 VISION_FAMILIES = tuple(VISION_CONFIGS)
 LLAVA = "llava"
@@ -85,27 +59,11 @@ HEADS = {
 def config_for(model_type: str, **overrides: Any) -> Any:
     """The tiny config of ``model_type`` (text or vision encoder, or llava)."""
     if model_type == LLAVA:
-        return _llava_config(**overrides)
+        return llava_config(**overrides)
     settings = TEXT_CONFIGS.get(model_type) or VISION_CONFIGS.get(model_type)
     if settings is None:
         raise ValueError(f"no tiny config for model_type={model_type!r}; have {', '.join(FAMILIES)}")
     return AutoConfig.for_model(model_type, **{**settings, "num_labels": NUM_LABELS, **overrides})
-
-
-def _llava_config(**overrides: Any) -> LlavaConfig:
-    vision = {
-        "model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE, "projection_dim": 32,
-    }
-    text = {
-        "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": VOCAB, "max_position_embeddings": 256,
-        "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
-    }
-    return LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN, image_seq_length=IMAGE_TOKENS,
-        vision_feature_layer=-1, vision_feature_select_strategy="default", **overrides,
-    )
 
 
 def build_head(
@@ -124,7 +82,7 @@ def build(model_type: str, attn_implementation: str = "sdpa", seed: int = 0) -> 
     """The family's usual task model: sequence / image classification, or llava's generator."""
     if model_type == LLAVA:
         torch.manual_seed(seed)
-        llava = LlavaForConditionalGeneration(_llava_config())
+        llava = LlavaForConditionalGeneration(llava_config())
         llava.set_attn_implementation(attn_implementation)
         return llava.eval()
     head = "image" if model_type in VISION_FAMILIES else "sequence"
@@ -182,8 +140,5 @@ def attach_random_prefix(
 ) -> PrefixAttachment:
     """A (not yet attached) prefix whose encoder has normal weights from ``seed``, so the prefix matters."""
     handle = attach_prefix(model, PrefixTuningConfig(num_virtual_tokens=num_virtual_tokens, **overrides))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in handle.encoder.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    normal_weights(handle.encoder, torch.Generator().manual_seed(seed))
     return handle

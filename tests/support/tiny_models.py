@@ -1,4 +1,6 @@
-"""Tiny, seeded models of every supported family, built from configs (no hub)."""
+"""Tiny, seeded causal LMs of the llama-like families, gpt2, gpt_neox and opt (the inline-attention
+decoders are ``tiny_inline``'s), built from the self-check's configs (:mod:`prefix_hooks.check.tiny_models`;
+no hub) with the attention implementation a test asks for."""
 
 from __future__ import annotations
 
@@ -7,32 +9,14 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-VOCAB = 96
-_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
-_LLAMA_LIKE = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    vocab_size=VOCAB, max_position_embeddings=256, **_IDS,
-)
+from prefix_hooks.check.tiny_models import DECODERS, VOCAB
 
+_LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
 FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
-    "llama": _LLAMA_LIKE,
-    "mistral": {**_LLAMA_LIKE, "sliding_window": 64},
-    "qwen2": _LLAMA_LIKE,
-    "qwen3": {**_LLAMA_LIKE, "head_dim": 16},  # explicit head_dim != hidden / heads
-    "gemma": {**_LLAMA_LIKE, "head_dim": 8},
-    "gemma2": {**_LLAMA_LIKE, "head_dim": 8, "sliding_window": 64},
-    "gemma3_text": {**_LLAMA_LIKE, "head_dim": 8, "sliding_window": 64},
-    "phi3": _LLAMA_LIKE,
-    "gpt2": dict(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=256, **_IDS),
-    "gpt_neox": dict(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=VOCAB,
-        max_position_embeddings=256, **_IDS,
-    ),
-    "opt": dict(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64, vocab_size=VOCAB,
-        word_embed_proj_dim=32, max_position_embeddings=256, **_IDS,
-    ),
+    family: DECODERS[family] for family in (*_LLAMA_LIKE, "gpt2", "gpt_neox", "opt")
 }
+# the tests' gemma3 keeps transformers' default layer pattern: both tiny layers slide (window 64)
+FAMILY_CONFIGS["gemma3_text"] = {key: value for key, value in DECODERS["gemma3_text"].items() if key != "layer_types"}
 
 FAMILIES = tuple(FAMILY_CONFIGS)
 EAGER_ONLY = frozenset({"gemma2"})  # transformers refuses sdpa for gemma2

@@ -15,6 +15,7 @@ import tiny_seq2seq
 import torch
 from transformers import PreTrainedModel
 
+from prefix_hooks.check.adapters import normal_weights
 from prefix_hooks.prompt import PromptAttachment
 
 SEQ2SEQ = ("t5", "bart", "mbart")
@@ -57,8 +58,5 @@ def example_inputs(model_type: str, batch: int = 2, seed: int = 0) -> dict[str, 
 
 def randomise_prompt(handle: PromptAttachment, seed: int = 2, scale: float = 1.0) -> PromptAttachment:
     """Give the prompt module normal weights from ``seed`` (times ``scale``), so the prompt matters."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in handle.prompt_encoder.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+    normal_weights(handle.prompt_encoder, torch.Generator().manual_seed(seed), scale)
     return handle

@@ -1,4 +1,5 @@
-"""Tiny, seeded encoder-decoder models (t5, bart, mbart, whisper), built from configs (no hub)."""
+"""Tiny, seeded encoder-decoder models (t5, bart, mbart, whisper), built from the self-check's configs
+(:mod:`prefix_hooks.check.tiny_models`; no hub)."""
 
 from __future__ import annotations
 
@@ -7,30 +8,21 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoModelForSpeechSeq2Seq, PreTrainedModel
 
-VOCAB = 96
-ENCODER_LEN = 7
-DECODER_LEN = 5
-MEL_BINS = 8
-AUDIO_FRAMES = 8  # whisper's max_source_positions; input_features carry twice as many
-_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "decoder_start_token_id": 1}
-_BART_LIKE = dict(
-    d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
-    encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=VOCAB, max_position_embeddings=64, dropout=0.0,
-    attention_dropout=0.0, activation_dropout=0.0, **_IDS,
+from prefix_hooks.check.adapters import normal_weights
+from prefix_hooks.check.tiny_models import (
+    AUDIO_FRAMES,
+    DECODER_LEN,
+    DECODER_START,
+    LEFT_PADDED_ENCODERS,
+    MEL_BINS,
+    SEQ2SEQ,
+    SEQ_LEN,
+    VOCAB,
+    WHISPER,
 )
 
-CONFIGS: dict[str, dict[str, Any]] = {
-    "t5": dict(
-        d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4, vocab_size=VOCAB,
-        relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0, **_IDS,
-    ),
-    "bart": _BART_LIKE,
-    "mbart": _BART_LIKE,
-    "whisper": dict(
-        _BART_LIKE, num_mel_bins=MEL_BINS, max_source_positions=AUDIO_FRAMES, max_target_positions=64,
-        suppress_tokens=None, begin_suppress_tokens=None,
-    ),
-}
+ENCODER_LEN = SEQ_LEN
+CONFIGS: dict[str, dict[str, Any]] = {**SEQ2SEQ, "whisper": WHISPER}
 
 DEEP_DECODER: dict[str, dict[str, Any]] = {  # overrides giving a decoder deeper than the encoder
     "t5": {"num_decoder_layers": 3},
@@ -41,10 +33,7 @@ DEEP_DECODER: dict[str, dict[str, Any]] = {  # overrides giving a decoder deeper
 
 FAMILIES: dict[str, tuple[str, ...]] = {model_type: ("eager", "sdpa") for model_type in CONFIGS}
 
-LEFT_PADDED = frozenset({"t5"})
-"""Families whose encoder ignores left padding (relative positions); bart and mbart give the
-encoder's tokens absolute positions from 0, so padding a row on the left changes it even
-without a prefix: they are padded on the right. Whisper's encoder takes no mask."""
+LEFT_PADDED = LEFT_PADDED_ENCODERS  # t5 (relative positions); whisper's encoder takes no mask
 
 
 def build(model_type: str, attn_implementation: str = "sdpa", seed: int = 0, **overrides: Any) -> PreTrainedModel:
@@ -76,7 +65,7 @@ def decoder_input_ids(batch: int = 2, length: int = DECODER_LEN, seed: int = 0) 
     """``(B, length)`` decoder tokens starting with ``decoder_start_token_id``."""
     generator = torch.Generator().manual_seed(seed + 1000)
     ids = torch.randint(3, VOCAB, (batch, length), generator=generator)
-    ids[:, 0] = _IDS["decoder_start_token_id"]
+    ids[:, 0] = DECODER_START
     return ids
 
 
@@ -87,10 +76,7 @@ def example_inputs(model_type: str, batch: int = 2, seed: int = 0) -> dict[str, 
 
 def randomise(encoder: torch.nn.Module, seed: int = 2) -> None:
     """Give a prefix encoder non-trivial weights (normal, fixed seed) so the prefix matters."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in encoder.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    normal_weights(encoder, torch.Generator().manual_seed(seed))
 
 
 def depths(model: PreTrainedModel) -> tuple[int, int]:

@@ -31,10 +31,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from prefix_hooks.checkpoint.codec import SavedAdapter, register_codec
-from prefix_hooks.checkpoint.state_dicts import check_state_dict, copy_into, cpu_copies, loading_config, some
+from prefix_hooks.checkpoint.codecs._weight_adapters import Selection, check_loadable, peft_config
+from prefix_hooks.checkpoint.state_dicts import check_state_dict, copy_into, cpu_copies, loading_config
 from prefix_hooks.core import swaps
 from prefix_hooks.core.legacy_names import current_keys
 from prefix_hooks.lora.attachment import LoraAttachment
@@ -147,10 +147,8 @@ class LoraCodec:
     peft_types: tuple[str, ...] = ("LORA",)
 
     def save(self, handle: Any) -> SavedAdapter:
-        """The adapter's config and tensors (CPU copies: later training does not change them).
-
-        ``fan_in_fan_out`` is written True when a target is a transformers ``Conv1D``, as PEFT
-        writes it (PEFT sets the flag for such targets; ours recognises ``Conv1D`` by type).
+        """The adapter's config (as :func:`peft_config` writes it) and tensors (CPU copies: later
+        training does not change them).
 
         Raises:
             TypeError: ``handle`` is not a :class:`LoraAttachment`.
@@ -158,17 +156,15 @@ class LoraCodec:
         if not isinstance(handle, LoraAttachment):
             raise TypeError(f"the LoRA codec saves a LoraAttachment, got {type(handle).__name__}")
         tensors = {**base_state_dict(handle), **adapter_state_dict(handle), **copy_bias_aliases(handle)}
-        modules = dict(swaps.clean_view(handle.model).named_modules())
-        config = handle.config.to_json_dict()
-        config["fan_in_fan_out"] = bool(config["fan_in_fan_out"]) or any(
-            isinstance(modules[name], Conv1D) for name in handle.target_names
-        )
-        config.update(_targets_by_current_names(handle))
-        return SavedAdapter(
-            config=config,
-            tensors=cpu_copies(tensors),
-            extra={},
-        )
+        view = swaps.clean_view(handle.model)
+        modules = dict(view.named_modules())
+
+        def select(legacy_names: bool) -> Selection:
+            return {"target_modules": select_targets(view, handle.config, legacy_names=legacy_names)}
+
+        targets = [modules[name] for name in handle.target_names]
+        config = peft_config(handle.config, targets, {"target_modules": list(handle.target_names)}, select)
+        return SavedAdapter(config=config, tensors=cpu_copies(tensors))
 
     def load(
         self, model: nn.Module, config: Any, saved: SavedAdapter, adapter_name: str, trainable: bool
@@ -188,12 +184,7 @@ class LoraCodec:
                 wrong, a base tensor differs from the model's, or extra tensors are present;
                 ``model`` is untouched.
         """
-        if not isinstance(config, LoraConfig):
-            raise TypeError(f"the LoRA codec loads a LoraConfig, got {type(config).__name__}")
-        if saved.extra:
-            raise ValueError(
-                f"a LoRA checkpoint has no extra tensors, but the extra file holds {some(sorted(saved.extra))}"
-            )
+        check_loadable(config, LoraConfig, saved, "LoRA")
         config = loading_config(config, trainable)
         handle = LoraAttachment(model, config, adapter_name)
         what = f"LoRA adapter {adapter_name!r}"
@@ -221,19 +212,6 @@ def _require_equal(given: Mapping[str, torch.Tensor], expected: Mapping[str, tor
     for key, tensor in expected.items():
         if not torch.equal(given[key].to(tensor.device, tensor.dtype), tensor):
             raise ValueError(f"checkpoint tensor {key!r} {why}")
-
-
-def _targets_by_current_names(handle: LoraAttachment) -> dict[str, Any]:
-    """``{"target_modules": [full names]}`` when the config selects some target only by a name
-    from before transformers 5 (PEFT matches current names only), else ``{}``: so PEFT selects
-    the same modules from the saved config."""
-    try:
-        plain: list[str] | None = select_targets(swaps.clean_view(handle.model), handle.config, legacy_names=False)
-    except ValueError:  # nothing matches without the old names
-        plain = None
-    if plain == list(handle.target_names):
-        return {}
-    return {"target_modules": sorted(handle.target_names)}
 
 
 def _embedding_bases(handle: LoraAttachment, given: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

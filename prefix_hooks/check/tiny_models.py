@@ -1,12 +1,9 @@
 """Tiny, seeded models of every supported family, built from configs (no downloads), for
-``python -m prefix_hooks.check``.
+``python -m prefix_hooks.check``; the test suite builds its tiny models from the same configs.
 
 Every model has 2 layers of width 32 (4 heads), runs in float32 in eval mode and is built by
 transformers' own ``from_config`` with its default attention implementation, so the check
 exercises what a user's installed transformers gives them. Dropout is off everywhere.
-
-The test suite keeps its own tiny-model modules (``tests/tiny_*.py``); the configs here follow
-them, family for family.
 """
 
 from __future__ import annotations
@@ -27,13 +24,19 @@ from transformers import (
 )
 
 __all__ = [
+    "DECODERS",
+    "ENCODERS",
     "FAMILIES",
     "GENERATING",
     "KINDS",
+    "SEQ2SEQ",
     "VARIANTS",
+    "VISION",
+    "WHISPER",
     "build",
     "example_inputs",
     "kind_of",
+    "llava_config",
     "stream_key",
 ]
 
@@ -48,18 +51,19 @@ IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2  # llava drops the CLS feature ("
 MEL_BINS = 8
 AUDIO_FRAMES = 8  # whisper's max_source_positions; input_features carry twice as many
 PAD, BOS, EOS = 0, 1, 2
+DECODER_START = BOS  # encoder-decoders' decoder_start_token_id
 
 _IDS = {"pad_token_id": PAD, "bos_token_id": BOS, "eos_token_id": EOS, "vocab_size": VOCAB}
 
 # --- decoders ---------------------------------------------------------------------------
-_LLAMA_LIKE = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    max_position_embeddings=256, **_IDS,
-)
-_GPTJ_LIKE = dict(  # gptj and codegen: rotary on 4 of each head's 8 features
-    n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=256, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-    **_IDS,
-)
+_LLAMA_LIKE = {
+    "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "max_position_embeddings": 256, **_IDS,
+}
+_GPTJ_LIKE = {  # gptj and codegen: rotary on 4 of each head's 8 features
+    "n_embd": 32, "n_layer": 2, "n_head": 4, "rotary_dim": 4, "n_positions": 256, "resid_pdrop": 0.0,
+    "embd_pdrop": 0.0, "attn_pdrop": 0.0, **_IDS,
+}
 DECODERS: dict[str, dict[str, Any]] = {
     "llama": _LLAMA_LIKE,
     "mistral": {**_LLAMA_LIKE, "sliding_window": 64},
@@ -72,80 +76,91 @@ DECODERS: dict[str, dict[str, Any]] = {
         **_LLAMA_LIKE, "head_dim": 8, "sliding_window": 64, "layer_types": ["sliding_attention", "full_attention"],
     },
     "phi3": _LLAMA_LIKE,
-    "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=256, **_IDS),
-    "gpt_neox": dict(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=256,
-        **_IDS,
-    ),
-    "opt": dict(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64, word_embed_proj_dim=32,
-        max_position_embeddings=256, **_IDS,
-    ),
-    "falcon": dict(  # multi-query (one kv head), rotary, parallel attention
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256,
-        attention_dropout=0.0, hidden_dropout=0.0, **_IDS,
-    ),
+    "gpt2": {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 256, **_IDS},
+    "gpt_neox": {
+        "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
+        "max_position_embeddings": 256, **_IDS,
+    },
+    "opt": {
+        "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "ffn_dim": 64, "word_embed_proj_dim": 32,
+        "max_position_embeddings": 256, **_IDS,
+    },
+    "falcon": {  # multi-query (one kv head), rotary, parallel attention
+        "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 256,
+        "attention_dropout": 0.0, "hidden_dropout": 0.0, **_IDS,
+    },
     "gptj": _GPTJ_LIKE,
     "codegen": {**_GPTJ_LIKE, "n_ctx": 256},
-    "gpt_neo": dict(  # layer 0 global, layer 1 local
-        hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]], window_size=256,
-        max_position_embeddings=256, embed_dropout=0.0, attention_dropout=0.0, resid_dropout=0.0, **_IDS,
-    ),
-    "bloom": dict(hidden_size=32, n_layer=2, n_head=4, attention_dropout=0.0, hidden_dropout=0.0, **_IDS),
-    "mpt": dict(d_model=32, n_layers=2, n_heads=4, expansion_ratio=2, max_seq_len=64, use_cache=True, **_IDS),
+    "gpt_neo": {  # layer 0 global, layer 1 local
+        "hidden_size": 32, "num_layers": 2, "num_heads": 4, "attention_types": [[["global", "local"], 1]],
+        "window_size": 256, "max_position_embeddings": 256, "embed_dropout": 0.0, "attention_dropout": 0.0,
+        "resid_dropout": 0.0, **_IDS,
+    },
+    "bloom": {"hidden_size": 32, "n_layer": 2, "n_head": 4, "attention_dropout": 0.0, "hidden_dropout": 0.0, **_IDS},
+    "mpt": {"d_model": 32, "n_layers": 2, "n_heads": 4, "expansion_ratio": 2, "max_seq_len": 64, "use_cache": True, **_IDS},
 }
+"""Decoder model type -> its tiny config (``AutoConfig.for_model`` keywords)."""
 
 # --- encoders -----------------------------------------------------------------------------
-_BERT_LIKE = dict(
-    hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=VOCAB,
-    max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-)
+_BERT_LIKE = {
+    "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64, "vocab_size": VOCAB,
+    "max_position_embeddings": 64, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+}
 ENCODERS: dict[str, dict[str, Any]] = {
     "bert": {**_BERT_LIKE, "pad_token_id": PAD},
     "roberta": {**_BERT_LIKE, "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2},
     "xlm-roberta": {**_BERT_LIKE, "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2},
     "electra": {**_BERT_LIKE, "embedding_size": 16, "pad_token_id": PAD},  # embeddings narrower than hidden
-    "distilbert": dict(
-        dim=32, n_layers=2, n_heads=4, hidden_dim=64, vocab_size=VOCAB, max_position_embeddings=64, dropout=0.0,
-        attention_dropout=0.0, pad_token_id=PAD,
-    ),
-    "modernbert": dict(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=VOCAB,
-        max_position_embeddings=64, global_attn_every_n_layers=2, local_attention=4,  # layer 1 slides
-        pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, cls_token_id=BOS, sep_token_id=EOS,
-        embedding_dropout=0.0, attention_dropout=0.0, mlp_dropout=0.0,
-    ),
+    "distilbert": {
+        "dim": 32, "n_layers": 2, "n_heads": 4, "hidden_dim": 64, "vocab_size": VOCAB, "max_position_embeddings": 64,
+        "dropout": 0.0, "attention_dropout": 0.0, "pad_token_id": PAD,
+    },
+    "modernbert": {
+        "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
+        "vocab_size": VOCAB, "max_position_embeddings": 64,
+        "global_attn_every_n_layers": 2, "local_attention": 4,  # layer 1 slides: 2 keys either side
+        "pad_token_id": PAD, "bos_token_id": BOS, "eos_token_id": EOS, "cls_token_id": BOS, "sep_token_id": EOS,
+        "embedding_dropout": 0.0, "attention_dropout": 0.0, "mlp_dropout": 0.0,
+    },
 }
+"""Text encoder model type -> its tiny config."""
 
-_VISION = dict(
-    hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=IMAGE_SIZE,
-    patch_size=PATCH_SIZE, num_channels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-)
+_VISION = {
+    "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
+    "image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE, "num_channels": 3, "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0,
+}
 VISION: dict[str, dict[str, Any]] = {
     "vit": _VISION,
     "deit": {**_VISION, "architectures": ["DeiTForImageClassification"]},  # not the with-teacher variant
     "dinov2": {**_VISION, "mlp_ratio": 2},
 }
+"""Vision encoder model type -> its tiny config."""
 
 # --- encoder-decoders -------------------------------------------------------------------
-_SEQ2SEQ_IDS = {**_IDS, "decoder_start_token_id": BOS}
-_BART_LIKE = dict(
-    d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
-    encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64, dropout=0.0, attention_dropout=0.0,
-    activation_dropout=0.0, **_SEQ2SEQ_IDS,
-)
+_SEQ2SEQ_IDS = {**_IDS, "decoder_start_token_id": DECODER_START}
+_BART_LIKE = {
+    "d_model": 32, "encoder_layers": 2, "decoder_layers": 2, "encoder_attention_heads": 4,
+    "decoder_attention_heads": 4, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64, "max_position_embeddings": 64,
+    "dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0, **_SEQ2SEQ_IDS,
+}
 SEQ2SEQ: dict[str, dict[str, Any]] = {
-    "t5": dict(
-        d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0, **_SEQ2SEQ_IDS,
-    ),
+    "t5": {
+        "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_decoder_layers": 2, "num_heads": 4,
+        "relative_attention_num_buckets": 8, "relative_attention_max_distance": 16, "dropout_rate": 0.0,
+        **_SEQ2SEQ_IDS,
+    },
     "bart": _BART_LIKE,
     "mbart": _BART_LIKE,
 }
-WHISPER = dict(
-    _BART_LIKE, num_mel_bins=MEL_BINS, max_source_positions=AUDIO_FRAMES, max_target_positions=64,
-    suppress_tokens=None, begin_suppress_tokens=None,
-)
+"""Text encoder-decoder model type -> its tiny config."""
+
+WHISPER: dict[str, Any] = {
+    **_BART_LIKE, "num_mel_bins": MEL_BINS, "max_source_positions": AUDIO_FRAMES, "max_target_positions": 64,
+    "suppress_tokens": None, "begin_suppress_tokens": None,
+}
+"""Whisper's tiny config."""
+
 VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "falcon": {
         "gqa": {"new_decoder_architecture": True, "num_kv_heads": 2},  # grouped keys/values (Falcon-40B's layout)
@@ -170,7 +185,7 @@ KINDS: dict[str, tuple[str, ...]] = {
     "speech": ("whisper",),
     "multimodal": ("llava",),
 }
-"""Family kind -> model types, in the README's order."""
+"""Family kind -> model types, in the order of docs/families.md."""
 
 FAMILIES: tuple[str, ...] = tuple(family for families in KINDS.values() for family in families)
 
@@ -195,15 +210,16 @@ def stream_key(family: str) -> str:
     return "decoder_input_ids" if kind_of(family) in ("encoder-decoder", "speech") else "input_ids"
 
 
-def _llava_config() -> LlavaConfig:
-    vision = dict(
-        model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=32,
-    )
+def llava_config(**overrides: Any) -> LlavaConfig:
+    """Llava's tiny config: a CLIP vision tower and llama's tiny text model; ``overrides`` go to ``LlavaConfig``."""
+    vision = {
+        "model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE, "projection_dim": 32,
+    }
     text = {"model_type": "llama", **_LLAMA_LIKE}
     return LlavaConfig(
         vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN, image_seq_length=IMAGE_TOKENS,
-        vision_feature_layer=-1, vision_feature_select_strategy="default",
+        vision_feature_layer=-1, vision_feature_select_strategy="default", **overrides,
     )
 
 
@@ -221,7 +237,7 @@ def build(family: str, seed: int = 0, variant: str = "") -> PreTrainedModel:
     torch.manual_seed(seed)
     model: PreTrainedModel
     if family == "llava":
-        model = LlavaForConditionalGeneration(_llava_config())
+        model = LlavaForConditionalGeneration(llava_config())
     elif kind == "decoder-only":
         settings = {**DECODERS[family], **VARIANTS.get(family, {}).get(variant, {})}
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **settings))
@@ -279,5 +295,5 @@ def example_inputs(family: str, batch: int = 2, seed: int = 0) -> dict[str, torc
 def _decoder_ids(batch: int, generator: torch.Generator) -> torch.Tensor:
     """``(batch, DECODER_LEN)`` decoder tokens starting with ``decoder_start_token_id``."""
     ids = _token_ids(batch, DECODER_LEN, generator)
-    ids[:, 0] = BOS
+    ids[:, 0] = DECODER_START
     return ids
