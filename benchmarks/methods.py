@@ -24,6 +24,8 @@ import torch
 from torch import nn
 
 from prefix_hooks import (
+    AdaLoraAttachment,
+    AdaLoraConfig,
     Attachment,
     IA3Attachment,
     IA3Config,
@@ -34,6 +36,7 @@ from prefix_hooks import (
     PromptAttachment,
     PromptEncoderConfig,
     PromptTuningConfig,
+    attach_adalora,
     attach_ia3,
     attach_lora,
     attach_prefix,
@@ -146,9 +149,10 @@ class MergedLora(Attachment):
         return self.lora.adapter_modules()
 
 
-def _lora(model: nn.Module) -> LoraAttachment:
-    """LoRA r=8 on the family's default targets, B drawn non-zero so that the adapter changes the logits."""
-    handle = attach_lora(model, LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK))
+def _lora(model: nn.Module, use_dora: bool = False) -> LoraAttachment:
+    """LoRA r=8 (DoRA with ``use_dora``) on the family's default targets, B drawn non-zero so that
+    the adapter changes the logits."""
+    handle = attach_lora(model, LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, use_dora=use_dora))
     generator = torch.Generator().manual_seed(LORA_SEED)
     with torch.no_grad():
         for name, parameter in sorted(handle.named_parameters()):
@@ -170,8 +174,8 @@ def copy_lora_weights(handle: Attachment, peft_model: peft.PeftModel) -> None:
         raise KeyError(f"PEFT's LoRA factors not found among ours: {not_loaded[:3]}")
 
 
-def _lora_peft_config() -> peft.PeftConfig:
-    return peft.LoraConfig(task_type="CAUSAL_LM", r=LORA_RANK, lora_alpha=2 * LORA_RANK)
+def _lora_peft_config(use_dora: bool = False) -> peft.PeftConfig:
+    return peft.LoraConfig(task_type="CAUSAL_LM", r=LORA_RANK, lora_alpha=2 * LORA_RANK, use_dora=use_dora)
 
 
 def _merged_peft(handle: Attachment, peft_model: peft.PeftModel) -> None:
@@ -179,23 +183,56 @@ def _merged_peft(handle: Attachment, peft_model: peft.PeftModel) -> None:
     peft_model.merge_adapter()
 
 
+def lora_methods(label: str, use_dora: bool) -> list[Method]:
+    """LoRA (or DoRA) r=8, unmerged and merged, ours and PEFT's."""
+    return [
+        Method(
+            name=f"{label} r={LORA_RANK}",
+            ours=lambda model: _lora(model, use_dora),
+            peft_config=lambda: _lora_peft_config(use_dora),
+            match_peft=copy_lora_weights,
+            unwrap_peft=lambda peft_model: peft_model.unload(),
+        ),
+        Method(
+            name=f"{label} r={LORA_RANK} merged",
+            ours=lambda model: MergedLora(_lora(model, use_dora)),
+            peft_config=lambda: _lora_peft_config(use_dora),
+            match_peft=_merged_peft,
+            unwrap_peft=lambda peft_model: peft_model.unload(),
+            trains=False,
+        ),
+    ]
+
+
+for _method in (*lora_methods("lora", use_dora=False), *lora_methods("dora", use_dora=True)):
+    register(_method)
+
+
+# --- AdaLoRA -----------------------------------------------------------------------------------
+ADALORA_INIT_R, ADALORA_TARGET_R, ADALORA_TOTAL_STEP = 12, 8, 1000
+
+
+def _adalora(model: nn.Module) -> AdaLoraAttachment:
+    """AdaLoRA init_r=12 on the family's default targets, ``lora_E`` drawn non-zero so that the adapter changes the logits."""
+    config = AdaLoraConfig(init_r=ADALORA_INIT_R, target_r=ADALORA_TARGET_R, total_step=ADALORA_TOTAL_STEP)
+    handle = attach_adalora(model, config)
+    generator = torch.Generator().manual_seed(LORA_SEED)
+    with torch.no_grad():
+        for name, parameter in sorted(handle.named_parameters()):
+            if ".lora_E." in name:
+                parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
+    return handle
+
+
 register(
     Method(
-        name=f"lora r={LORA_RANK}",
-        ours=_lora,
-        peft_config=_lora_peft_config,
-        match_peft=copy_lora_weights,
+        name=f"adalora r={ADALORA_INIT_R}->{ADALORA_TARGET_R}",
+        ours=_adalora,
+        peft_config=lambda: peft.AdaLoraConfig(
+            task_type="CAUSAL_LM", init_r=ADALORA_INIT_R, target_r=ADALORA_TARGET_R, total_step=ADALORA_TOTAL_STEP
+        ),
+        match_peft=copy_lora_weights,  # the attached state-dict keys are PEFT's minus its prefix, as LoRA's
         unwrap_peft=lambda peft_model: peft_model.unload(),
-    )
-)
-register(
-    Method(
-        name=f"lora r={LORA_RANK} merged",
-        ours=lambda model: MergedLora(_lora(model)),
-        peft_config=_lora_peft_config,
-        match_peft=_merged_peft,
-        unwrap_peft=lambda peft_model: peft_model.unload(),
-        trains=False,
     )
 )
 

@@ -4,7 +4,8 @@
 >>> with attach_prefix(model, PrefixTuningConfig(num_virtual_tokens=20)) as handle:
 ...     ...  # unchanged pipeline code
 
-Methods: prefix tuning (:func:`attach_prefix`), LoRA (:func:`attach_lora`), prompt tuning and
+Methods: prefix tuning (:func:`attach_prefix`), LoRA (:func:`attach_lora`), AdaLoRA
+(:func:`attach_adalora`), prompt tuning and
 P-tuning (:func:`attach_prompt`), IA3 (:func:`attach_ia3`); several at once with :func:`attach`.
 
 Layout (dependencies point down; ``tests/core/test_layering.py`` keeps them so): this module on top;
@@ -24,10 +25,14 @@ from prefix_hooks.core.config import AdapterConfig, PeftType, TaskType
 from prefix_hooks.families import ArchitectureAdapter, UnsupportedModelError, register_family, supported
 from prefix_hooks.ia3 import IA3Attachment, IA3Config, attach_ia3
 from prefix_hooks.lora import (
+    AdaLoraAttachment,
+    AdaLoraCallback,
+    AdaLoraConfig,
     LoraAttachment,
     LoraConfig,
     active_adapters,
     adapter_rows,
+    attach_adalora,
     attach_lora,
     set_active_adapters,
 )
@@ -43,6 +48,9 @@ from prefix_hooks.prompt import (
 )
 
 __all__ = [
+    "AdaLoraAttachment",
+    "AdaLoraCallback",
+    "AdaLoraConfig",
     "AdapterConfig",
     "ArchitectureAdapter",
     "Attachment",
@@ -68,6 +76,7 @@ __all__ = [
     "active_adapters",
     "adapter_rows",
     "attach",
+    "attach_adalora",
     "attach_ia3",
     "attach_lora",
     "attach_prefix",

@@ -25,6 +25,7 @@ from typing import Any
 from prefix_hooks.checkpoint.codec import EXTRA_CONFIG_KEY
 from prefix_hooks.core.config import AdapterConfig, PeftType
 from prefix_hooks.ia3.config import IA3Config
+from prefix_hooks.lora.adalora.config import AdaLoraConfig
 from prefix_hooks.lora.config import LoraConfig
 from prefix_hooks.prefix.config import PrefixTuningConfig
 from prefix_hooks.prompt.config import PromptEncoderConfig, PromptTuningConfig
@@ -38,6 +39,7 @@ CONFIG_CLASSES: dict[PeftType, type[AdapterConfig]] = {
     PeftType.P_TUNING: PromptEncoderConfig,
     PeftType.LORA: LoraConfig,
     PeftType.IA3: IA3Config,
+    PeftType.ADALORA: AdaLoraConfig,
 }
 
 PEFT_INFORMATIONAL_KEYS = frozenset({"auto_mapping", "peft_version", "runtime_config"})
@@ -63,6 +65,45 @@ _PEFT_PROMPT_LEARNING = {
     "token_dim": None,
 }
 
+_PEFT_LORA = {
+    **_PEFT_BASE,
+    "alora_invocation_tokens": None,
+    "alpha_pattern": {},
+    "arrow_config": None,
+    "bias": "none",
+    "corda_config": None,
+    "ensure_weight_tying": False,
+    "eva_config": None,
+    "exclude_modules": None,
+    "fan_in_fan_out": False,
+    "init_lora_weights": True,
+    "kasa_config": None,
+    "layer_replication": None,
+    "layers_pattern": None,
+    "layers_to_transform": None,
+    "loftq_config": {},
+    "lora_alpha": 8,
+    "lora_bias": False,
+    "lora_dropout": 0.0,
+    "lora_ga_config": None,
+    "megatron_config": None,
+    "megatron_core": "megatron.core",
+    "modules_to_save": None,
+    "monteclora_config": None,
+    "qalora_group_size": 16,
+    "r": 8,
+    "rank_pattern": {},
+    "runtime_config": {"ephemeral_gpu_offload": False},
+    "target_modules": None,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "use_bdlora": None,
+    "use_dora": False,
+    "use_qalora": False,
+    "use_rslora": False,
+    "velora_config": None,
+}
+
 PEFT_FIELD_DEFAULTS: dict[PeftType, dict[str, Any]] = {
     PeftType.PREFIX_TUNING: {
         **_PEFT_PROMPT_LEARNING,
@@ -84,43 +125,19 @@ PEFT_FIELD_DEFAULTS: dict[PeftType, dict[str, Any]] = {
         "encoder_num_layers": 2,
         "encoder_reparameterization_type": "MLP",
     },
-    PeftType.LORA: {
-        **_PEFT_BASE,
-        "alora_invocation_tokens": None,
-        "alpha_pattern": {},
-        "arrow_config": None,
-        "bias": "none",
-        "corda_config": None,
-        "ensure_weight_tying": False,
-        "eva_config": None,
-        "exclude_modules": None,
-        "fan_in_fan_out": False,
-        "init_lora_weights": True,
-        "kasa_config": None,
-        "layer_replication": None,
-        "layers_pattern": None,
-        "layers_to_transform": None,
-        "loftq_config": {},
-        "lora_alpha": 8,
-        "lora_bias": False,
-        "lora_dropout": 0.0,
-        "lora_ga_config": None,
-        "megatron_config": None,
-        "megatron_core": "megatron.core",
-        "modules_to_save": None,
-        "monteclora_config": None,
-        "qalora_group_size": 16,
-        "r": 8,
-        "rank_pattern": {},
-        "runtime_config": {"ephemeral_gpu_offload": False},
-        "target_modules": None,
-        "target_parameters": None,
-        "trainable_token_indices": None,
-        "use_bdlora": None,
-        "use_dora": False,
-        "use_qalora": False,
-        "use_rslora": False,
-        "velora_config": None,
+    PeftType.LORA: _PEFT_LORA,
+    PeftType.ADALORA: {  # PEFT's AdaLoraConfig subclasses its LoraConfig
+        **_PEFT_LORA,
+        "beta1": 0.85,
+        "beta2": 0.85,
+        "deltaT": 1,
+        "init_r": 12,
+        "orth_reg_weight": 0.5,
+        "rank_pattern": None,
+        "target_r": 8,
+        "tfinal": 0,
+        "tinit": 0,
+        "total_step": None,
     },
     PeftType.IA3: {
         **_PEFT_BASE,

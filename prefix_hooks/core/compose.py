@@ -33,9 +33,9 @@ def register_method(config_type: type, builder: Builder) -> None:
 
 
 def _builder_for(config: object) -> Builder:
-    for config_type, builder in _BUILDERS.items():
-        if isinstance(config, config_type):
-            return builder
+    for config_type in type(config).__mro__:  # the most specific registered class (AdaLoraConfig is a LoraConfig)
+        if config_type in _BUILDERS:
+            return _BUILDERS[config_type]
     accepted = ", ".join(sorted(config_type.__name__ for config_type in _BUILDERS))
     raise TypeError(f"cannot attach a {type(config).__name__}; expected one of {accepted}, or an Attachment")
 

@@ -40,6 +40,7 @@ class PeftType(str, enum.Enum):
     PROMPT_TUNING = "PROMPT_TUNING"
     P_TUNING = "P_TUNING"
     IA3 = "IA3"
+    ADALORA = "ADALORA"
 
 
 def check_positive_int(name: str, value: object, *, allow_none: bool = True) -> None:

@@ -11,7 +11,7 @@ On attach, in this order (each step undone on detach, in reverse):
 4. ``bias="all"`` / ``"lora_only"`` make those biases trainable;
 5. the adapter joins the model's active adapters.
 
-The adapter's own tensors (``lora_A``/``lora_B``, the copies) are built once, in the
+The adapter's own tensors (``lora_A``/``lora_B``, DoRA magnitudes, the copies) are built once, in the
 constructor, and kept by the handle: detaching and attaching again resumes with the trained
 values. After the last LoRA adapter is detached every original module object is back in its
 place (same identity, same tensors), and the model is exactly as before.
@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from prefix_hooks.core import swaps
@@ -58,13 +59,15 @@ class LoraAttachment(Attachment):
     """A LoRA adapter for one model; see :func:`attach_lora`.
 
     Each target's output becomes ``base(x) + B(A(dropout(x))) * scaling`` (see
-    :mod:`prefix_hooks.lora.layers`).
+    :mod:`prefix_hooks.lora.layers`); with ``use_dora`` each target also holds a trainable
+    magnitude, ``<target>.lora_magnitude_vector.<adapter>.weight`` (see :mod:`prefix_hooks.lora.dora`).
 
     Attributes:
         config: the :class:`LoraConfig`.
         target_names: qualified names of the wrapped modules, in ``named_modules()`` order.
         modules_to_save_names: qualified names of the modules trained as full copies.
     """
+
 
     def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> None:
         super().__init__(model, adapter_name)
@@ -86,19 +89,37 @@ class LoraAttachment(Attachment):
         self._merged = False
         self._disabled_blocks = DisabledBlocks(f"LoRA adapter {adapter_name!r}")  # guarded by swaps.lock
 
+    def _make_layer(self, original: nn.Module) -> LoraLayer:
+        """The layer standing in for a target module (AdaLoRA's attachment makes SVD layers)."""
+        return wrap_module(original)
+
     def _build_target(self, place: Place) -> _Target:
-        home = wrap_module(place.original)
+        home = self._make_layer(place.original)
         home.switches[self.adapter_name] = self._switch
         rank, alpha = self.config.rank_and_alpha(place.name)
-        home.add_adapter(
-            self.adapter_name,
-            r=rank,
-            alpha=alpha,
-            dropout=self.config.lora_dropout,
-            use_rslora=self.config.use_rslora,
-            init_lora_weights=self.config.init_lora_weights,  # type: ignore[arg-type]  # validated by LoraConfig
-        )
+        try:
+            home.add_adapter(
+                self.adapter_name,
+                r=rank,
+                alpha=alpha,
+                dropout=self.config.lora_dropout,
+                use_rslora=self.config.use_rslora,
+                init_lora_weights=self.config.init_lora_weights,  # type: ignore[arg-type]  # validated by LoraConfig
+                use_dora=self.config.use_dora,
+                unmerged_weight=self._unmerged_weight(place) if self.config.use_dora else None,
+            )
+        except ValueError as error:
+            raise ValueError(f"{place.name!r}: {error}") from None
         return _Target(place, home)
+
+    def _unmerged_weight(self, place: Place) -> torch.Tensor | None:
+        """The original weight of ``place`` while attached LoRA adapters are merged into it (else None:
+        the module's weight is the unmerged one); a DoRA magnitude starts from the unmerged weight."""
+        with swaps.lock:
+            state = swaps.state_of(self.model)
+            swap = state.swaps.get(place.name) if state is not None else None
+            layer = swap.replacement if swap is not None else None
+            return layer.unmerged_weight() if isinstance(layer, LoraLayer) and layer.is_merged else None
 
     # --- parameters -------------------------------------------------------------------
     def adapter_modules(self) -> list[nn.Module]:
@@ -150,7 +171,7 @@ class LoraAttachment(Attachment):
         state = swaps.acquire_model(self.model, name, self, undo)
         for target in self._targets:
             place = target.place
-            layer = state.acquire_swap(place, swaps.parent_for(self.model, place, LoraLayer), wrap_module, name)
+            layer = state.acquire_swap(place, swaps.parent_for(self.model, place, LoraLayer), self._make_layer, name)
             undo.push(_bound(state.release_swap, place.name, name))
             assert isinstance(layer, LoraLayer)
             _lend(target.home, layer, name)

@@ -2,7 +2,8 @@
 
 A LoRA adapter replaces a frozen weight ``W`` (out, in) by ``W + scaling * B @ A`` with
 ``A`` (r, in), ``B`` (out, r) and ``scaling = lora_alpha / r`` (``lora_alpha / sqrt(r)``
-with ``use_rslora``), Hu et al. (2021). The config says which modules get an adapter
+with ``use_rslora``), Hu et al. (2021); with ``use_dora`` by ``m / ||W + scaling * B @ A||_c *
+(W + scaling * B @ A)`` (DoRA). The config says which modules get an adapter
 (see :mod:`prefix_hooks.lora.targets`) and with which rank and alpha.
 """
 
@@ -129,6 +130,11 @@ class LoraConfig(AdapterConfig):
             biases of the target modules train).
         modules_to_save: modules (exact name or dotted suffix) trained as full copies,
             e.g. a freshly initialised ``"classifier"`` head.
+        use_dora: DoRA (Liu et al., 2024), weight-decomposed LoRA: each target also trains a
+            magnitude ``m`` per output feature and computes with
+            ``m / ||W + scaling * B @ A||_c * (W + scaling * B @ A)`` (see
+            :mod:`prefix_hooks.lora.dora`). Every supported layer type takes it but a Conv2d
+            with ``groups > 1``, which is refused when the adapter is built.
         task_type: the model's task (:class:`~prefix_hooks.core.config.TaskType`); as in PEFT,
             ``SEQ_CLS`` / ``TOKEN_CLS`` also save ``classifier`` / ``score`` and
             ``QUESTION_ANS`` saves ``qa_outputs`` (see ``targets.modules_to_save_names``).
@@ -157,11 +163,14 @@ class LoraConfig(AdapterConfig):
     fan_in_fan_out: bool = False
     bias: str = "none"
     modules_to_save: list[str] | set[str] | tuple[str, ...] | None = None
+    use_dora: bool = False
     peft_type: PeftType | str = field(default=LORA_PEFT_TYPE, kw_only=True)
 
     def __post_init__(self) -> None:
         check_lora_numbers(self.r, self.lora_alpha, self.lora_dropout)
-        checked = checked_module_fields(self, LORA_PEFT_TYPE, ("use_rslora", "fan_in_fan_out", "inference_mode"))
+        checked = checked_module_fields(
+            self, LORA_PEFT_TYPE, ("use_rslora", "fan_in_fan_out", "inference_mode", "use_dora")
+        )
         checked["layers_to_transform"] = layers_to_transform = self._checked_layers_to_transform()
         checked["layers_pattern"] = layers_pattern = self._checked_layers_pattern()
         if isinstance(checked["target_modules"], str) and layers_to_transform is not None:

@@ -13,9 +13,13 @@ Parameter names and shapes are PEFT's (``lora_A.<name>.weight`` ``(r, in)``,
 weight's device whatever the base dtype; the input is cast to float32 for the adapter path
 and the sum is cast back to the base output's dtype (PEFT's default ``autocast_adapter_dtype``).
 
-Merging adds the delta weights into ``base_layer.weight`` in place after saving a clone of the
-original; unmerging copies that clone back, so the original weight returns bit for bit (no
-subtraction, which is not exact in low precision).
+A DoRA adapter (``use_dora=True``, :mod:`prefix_hooks.lora.dora`) also holds a magnitude ``m``
+per output feature and turns the layer into ``m / ||W + dW||_c * (W + dW)``; adapters apply in
+the active order, each to the output so far (:mod:`prefix_hooks.lora.lora_layer`).
+
+Merging folds the adapters into ``base_layer.weight`` in place (``W + dW``; DoRA:
+``g * (W + dW)``) after saving a clone of the original; unmerging copies that clone back, so
+the original weight returns bit for bit (no subtraction, which is not exact in low precision).
 
 :class:`LoraLayer` (the adapters, the forward, merging) lives in :mod:`.lora_layer`, the layer of
 each module type in :mod:`.layer_types`; :func:`wrap_module` picks the one for a module.

@@ -3,7 +3,13 @@
 :class:`LoraLayer` keeps the adapters' bookkeeping (rank, alpha, scaling, active and merged
 ones), the forward (all active adapters, or one per batch row) and merging; the layer of each
 module type (:mod:`prefix_hooks.lora.layer_types`) says how its factors ``A`` and ``B`` are
-shaped, run and turned into a delta weight. The maths is in :mod:`prefix_hooks.lora.layers`.
+shaped, run and turned into a delta weight. The maths is in :mod:`prefix_hooks.lora.layers`;
+a DoRA adapter (``use_dora=True``) also holds a magnitude, see :mod:`prefix_hooks.lora.dora`.
+
+Adapters apply in the active order, each to the output accumulated so far. A plain LoRA
+adapter adds ``scaling * B(A(dropout(x)))`` whatever came before; a DoRA adapter rescales the
+output so far (per output feature) and adds its scaled update, which is what merging the
+adapters in that order gives. Merged adapters are in the weight, so they act first.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from prefix_hooks.core.devices import offload_aware_device
 from prefix_hooks.core.rows import BASE_ROW, current_adapter_rows
 from prefix_hooks.core.switch import Switch, switched_off
 from prefix_hooks.lora.config import check_init_lora_weights, check_lora_numbers, lora_scaling
+from prefix_hooks.lora.dora import DoraMagnitude, added_output
+from prefix_hooks.lora.weight_merging import WeightMerging
 
 InitLoraWeights = bool | Literal["gaussian"]
 """``True``: A Kaiming-uniform, B zero; ``"gaussian"``: A normal(std=1/r), B zero; ``False``: both random.
@@ -37,13 +45,15 @@ def weight_of(module: nn.Module) -> torch.Tensor:
     return weight
 
 
-class LoraLayer(nn.Module):
+class LoraLayer(WeightMerging):
     """Base of the LoRA wrappers; see the module docstring for the maths.
 
     Attributes:
         base_layer: the wrapped original module (same object, shared tensors).
         lora_A, lora_B: ``nn.ModuleDict`` adapter name -> factor module (empty for Embedding).
         lora_dropout: adapter name -> ``nn.Dropout`` (``nn.Identity`` for dropout 0).
+        lora_magnitude_vector: adapter name -> :class:`~prefix_hooks.lora.dora.DoraMagnitude`,
+            for the DoRA adapters only.
         r, lora_alpha, scaling: adapter name -> rank, alpha, ``alpha / r`` (or ``/ sqrt(r)``).
         active_adapters: the adapters added to the output (default: every added adapter,
             in the order they were added).
@@ -58,6 +68,10 @@ class LoraLayer(nn.Module):
     ``padding_idx``, ...) are read from ``base_layer``, so model code that inspects the
     original module keeps working.
 
+    Class attributes (per module type): ``_out_axis``, the axis of the output features in the
+    base weight; ``_output_view``, the shape a per-output-feature vector takes to broadcast over
+    the output (the DoRA magnitude's shape); ``_drops_input``, whether dropout applies to the input.
+
     Example::
 
         layer = wrap_module(model.q_proj)          # LoraLinear; model.q_proj is untouched
@@ -66,12 +80,17 @@ class LoraLayer(nn.Module):
         layer.merge(); layer.unmerge()             # weight back bit for bit
     """
 
+    _out_axis = 0
+    _output_view: tuple[int, ...] = (-1,)
+    _drops_input = True
+
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -112,6 +131,8 @@ class LoraLayer(nn.Module):
         dropout: float = 0.0,
         use_rslora: bool = False,
         init_lora_weights: InitLoraWeights = True,
+        use_dora: bool = False,
+        unmerged_weight: torch.Tensor | None = None,
     ) -> None:
         """Add a named adapter and make it active.
 
@@ -123,20 +144,35 @@ class LoraLayer(nn.Module):
             use_rslora: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
             init_lora_weights: see :data:`InitLoraWeights`; values are drawn in PEFT's order,
                 so the same seed gives PEFT's values on CPU.
+            use_dora: a DoRA adapter: its magnitude starts as ``||W + scaling * B @ A||_c`` of the
+                factors just initialised (PEFT's rule; see :mod:`prefix_hooks.lora.dora`).
+            unmerged_weight: the base weight without merged updates, for that magnitude, when
+                ``base_layer``'s weight holds another layer's merged adapters (default:
+                :meth:`unmerged_weight`).
 
         Raises:
-            ValueError / TypeError: a bad argument or an existing name; nothing is changed.
+            ValueError / TypeError: a bad argument, an existing name, or DoRA on a layer that
+                cannot have it (:meth:`_check_dora`); nothing is changed.
         """
         self._check_new_name(name)
         where = f" for adapter {name!r}"
         check_lora_numbers(r, alpha, dropout, where)
         check_init_lora_weights(init_lora_weights, where)
+        if not isinstance(use_dora, bool):
+            raise ValueError(f"use_dora={use_dora!r} is not accepted{where}; expected True or False")
         self._check_rank(name, r)
+        if use_dora:
+            self._check_dora(name)
         self._create_factors(name, r, init_lora_weights)
         self.lora_dropout[name] = nn.Dropout(p=dropout) if dropout > 0.0 else nn.Identity()
         self.r[name] = r
         self.lora_alpha[name] = alpha
         self.scaling[name] = lora_scaling(r, alpha, use_rslora)
+        if use_dora:
+            weight = self.unmerged_weight() if unmerged_weight is None else unmerged_weight
+            with torch.no_grad():
+                norm = self._column_norm(name, weight)  # (out,)
+            self.lora_magnitude_vector[name] = DoraMagnitude(norm.view(self._output_view))
         self.active_adapters.append(name)
 
     def delete_adapter(self, name: str) -> None:
@@ -150,6 +186,8 @@ class LoraLayer(nn.Module):
         if name in self.merged_adapters:
             raise ValueError(f"adapter {name!r} is merged into the base weight; call unmerge() before deleting it")
         self._delete_factors(name)
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
         del self.lora_dropout[name]
         del self.r[name], self.lora_alpha[name], self.scaling[name]
         self.switches.pop(name, None)
@@ -175,9 +213,19 @@ class LoraLayer(nn.Module):
         self.active_adapters = list(names)
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
-        """The trainable tensors of one adapter."""
+        """The trainable tensors of one adapter (the DoRA magnitude last)."""
         self._check_known(name)
-        return list(self.lora_A[name].parameters()) + list(self.lora_B[name].parameters())
+        factors = list(self.lora_A[name].parameters()) + list(self.lora_B[name].parameters())
+        return factors + self._magnitude_parameters(name)
+
+    def _magnitude_parameters(self, name: str) -> list[nn.Parameter]:
+        """``[m]`` for a DoRA adapter, ``[]`` otherwise."""
+        return list(self.lora_magnitude_vector[name].parameters()) if name in self.lora_magnitude_vector else []
+
+    def is_dora(self, name: str) -> bool:
+        """Whether adapter ``name`` is a DoRA adapter (holds a magnitude)."""
+        self._check_known(name)
+        return name in self.lora_magnitude_vector
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -210,7 +258,7 @@ class LoraLayer(nn.Module):
             return result
         out_dtype = result.dtype
         for name in names:
-            result = result + self._adapter_output(name, x)  # promotes to float32
+            result = result + self._added_output(name, x, result)  # promotes to float32
         return result.to(out_dtype)
 
     def _switched_on(self, names: list[str], off: frozenset[int]) -> list[str]:
@@ -255,47 +303,9 @@ class LoraLayer(nn.Module):
         acc = result.to(torch.promote_types(out_dtype, ADAPTER_DTYPE))
         for name, indices in groups.items():
             picked = torch.tensor(indices, device=x.device)  # (B_name,)
-            acc = acc.index_add(0, picked, self._adapter_output(name, x.index_select(0, picked)))
+            added = self._added_output(name, x.index_select(0, picked), result.index_select(0, picked))
+            acc = acc.index_add(0, picked, added)
         return acc.to(out_dtype)
-
-    # ------------------------------------------------------------------ merging
-    def merge(self, names: list[str] | tuple[str, ...] | None = None) -> None:
-        """Fold adapters into ``base_layer.weight`` in place (module objects and state-dict keys stay).
-
-        Args:
-            names: adapters to merge; None = the active ones. Already merged ones are skipped.
-
-        Raises:
-            KeyError: an unknown name. ValueError: the layer cannot be merged (Conv2d with groups > 1).
-        """
-        todo = list(self.active_adapters if names is None else names)
-        for name in todo:
-            self._check_known(name)
-        todo = [name for name in dict.fromkeys(todo) if name not in self.merged_adapters]
-        if not todo:
-            return
-        self._check_mergeable()
-        weight = self.base_weight()
-        with torch.no_grad():
-            if self._original_weight is None:
-                self._original_weight = weight.detach().clone()
-            for name in todo:
-                weight.add_(self.delta_weight(name).to(weight.device))
-                self.merged_adapters.append(name)
-
-    def unmerge(self) -> None:
-        """Restore ``base_layer.weight`` bit-exactly by copying the saved original back (no-op if unmerged)."""
-        if self._original_weight is None:
-            return
-        with torch.no_grad():
-            self.base_weight().copy_(self._original_weight)
-        self._original_weight = None
-        self.merged_adapters.clear()
-
-    def delta_weight(self, name: str) -> torch.Tensor:
-        """``scaling * B @ A`` in the base weight's layout and shape, float32 (keeps the autograd graph)."""
-        self._check_known(name)
-        return self._delta_weight(name)
 
     # ------------------------------------------------------------------ per type
     def _create_factors(self, name: str, r: int, init_lora_weights: InitLoraWeights) -> None:
@@ -305,9 +315,19 @@ class LoraLayer(nn.Module):
         del self.lora_A[name], self.lora_B[name]
 
     def _adapter_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """``B(A(dropout(x))) * scaling`` in float32, shaped like the base output."""
+        """``B(A(dropout(x))) * scaling`` in float32, shaped like the base output (a plain LoRA adapter's term)."""
+        if self._drops_input:
+            x = self.lora_dropout[name](x.to(weight_of(self.lora_A[name]).dtype))
+        return self._update(name, x)
+
+    def _update(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """``B(A(x)) * scaling`` in float32 (no dropout), shaped like the base output."""
         x = x.to(weight_of(self.lora_A[name]).dtype)
-        return self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * self.scaling[name]
+        return self.lora_B[name](self.lora_A[name](x)) * self.scaling[name]
+
+    def _base_output(self, x: torch.Tensor) -> torch.Tensor:
+        """``W x`` without bias, for DoRA under dropout (types with ``_drops_input``)."""
+        raise NotImplementedError
 
     def _delta_weight(self, name: str) -> torch.Tensor:
         raise NotImplementedError
@@ -315,8 +335,28 @@ class LoraLayer(nn.Module):
     def _check_rank(self, name: str, r: int) -> None:
         """Type-specific constraints on the rank (Conv2d with groups)."""
 
-    def _check_mergeable(self) -> None:
-        """Raise ValueError if the base weight cannot absorb a delta."""
+    def _check_dora(self, name: str) -> None:
+        """Raise ValueError if adapter ``name`` cannot be a DoRA adapter on this layer."""
+        if self.base_weight().device.type == "meta":
+            raise ValueError(
+                f"use_dora=True for adapter {name!r} needs the values of the {type(self.base_layer).__name__}'s "
+                "weight (DoRA takes its norm at every forward), but the weight is on the meta device (offloaded); "
+                "load the model without offloading this module, or use plain LoRA"
+            )
+
+    # ------------------------------------------------------------------ DoRA
+    def _added_output(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """What adapter ``name`` adds to ``result``, the output so far for input ``x`` (float32)."""
+        if name not in self.lora_magnitude_vector:
+            return self._adapter_output(name, x)
+        dropout = self.lora_dropout[name]
+        if self._drops_input and self.training and not isinstance(dropout, nn.Identity):
+            x = dropout(x.to(weight_of(self.lora_A[name]).dtype))
+            base = self._base_output(x)  # W drop(x), recomputed as PEFT does
+        else:
+            bias = getattr(self.base_layer, "bias", None)
+            base = result if bias is None else result - bias.view(self._output_view)  # W x (+ earlier adapters)
+        return added_output(self._magnitude_scale(name), base, self._update(name, x))
 
     # ------------------------------------------------------------------ helpers
     def base_weight(self) -> torch.Tensor:

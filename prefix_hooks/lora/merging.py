@@ -39,11 +39,11 @@ def unmerge_adapter(layers: Sequence[LoraLayer], name: str) -> None:
 
 
 def bake_adapter(layers: Sequence[LoraLayer], name: str) -> None:
-    """Add adapter ``name``'s delta to each layer's original weight for good (it must not be merged)."""
-    with torch.no_grad():
-        for layer in layers:
-            with others_kept_merged(layer, name) as weight:
-                weight.add_(layer.delta_weight(name).to(weight.device))  # the new base weight
+    """Fold adapter ``name`` into each layer's original weight for good (it must not be merged):
+    ``W + dW``, or ``g * (W + dW)`` for DoRA (:meth:`LoraLayer.fold`)."""
+    for layer in layers:
+        with others_kept_merged(layer, name) as weight:
+            layer.fold(name, weight)  # the new base weight
 
 
 def _merged_lora(model: nn.Module, module: nn.Module) -> str | None:

@@ -9,7 +9,8 @@ Parameter names and shapes are those of :class:`prefix_hooks.lora.layer_types.Lo
 PEFT QLoRA checkpoints load 1:1. Merging is not offered: folding a delta into a 4-/8-bit
 weight means dequantising, adding and quantising again, which changes the base weight by
 more than the delta and cannot be done in place; the unmerged forward is exact. Per-row
-adapter selection, dropout and several adapters work as for the other layers.
+adapter selection, dropout, several adapters and DoRA (its norms taken of the dequantised
+weight, as PEFT does) work as for the other layers.
 
 Importing this module imports bitsandbytes; :func:`prefix_hooks.lora.layers.wrap_module`
 imports it only when it meets a bitsandbytes module.
@@ -18,6 +19,7 @@ imports it only when it meets a bitsandbytes module.
 from __future__ import annotations
 
 import bitsandbytes as bnb
+import torch
 from torch import nn
 
 from prefix_hooks.lora.layer_types import LinearFactorsLayer
@@ -46,9 +48,20 @@ class _QuantizedLinearLayer(LinearFactorsLayer):
 class LoraLinear8bitLt(_QuantizedLinearLayer):
     """LoRA over ``bitsandbytes.nn.Linear8bitLt`` (LLM.int8())."""
 
+    def _dense_weight(self) -> torch.Tensor:
+        weight = self.base_weight()  # int8 (out, in), one scale per row
+        scales = getattr(self.base_layer.state, "SCB", None)
+        if scales is None:
+            scales = weight.SCB  # type: ignore[attr-defined]  # Int8Params keeps them until the first forward
+        return bnb.functional.int8_vectorwise_dequant(weight.data, scales.to(weight.device))  # (out, in)
+
 
 class LoraLinear4bit(_QuantizedLinearLayer):
     """LoRA over ``bitsandbytes.nn.Linear4bit`` (NF4/FP4, QLoRA)."""
+
+    def _dense_weight(self) -> torch.Tensor:
+        weight = self.base_weight()  # packed 4-bit; dequantised: (out, in)
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)  # type: ignore[attr-defined]
 
 
 def wrap_quantized(module: nn.Module) -> LoraLayer:

@@ -17,11 +17,13 @@ import torch
 from torch import nn
 
 from prefix_hooks import (
+    AdaLoraConfig,
     IA3Config,
     LoraConfig,
     PrefixTuningConfig,
     PromptEncoderConfig,
     PromptTuningConfig,
+    attach_adalora,
     attach_ia3,
     attach_lora,
     attach_prefix,
@@ -42,8 +44,15 @@ def randomised(method: str, model: nn.Module) -> Attachment:
             for parameter in prefix.encoder.parameters():
                 parameter.copy_(torch.randn(parameter.shape, generator=generator))
         return prefix
-    if method == "lora":  # init_lora_weights=False: B is not zero, so the adapter is not a no-op
-        return attach_lora(model, LoraConfig(r=2, lora_alpha=4, init_lora_weights=False))
+    if method in ("lora", "dora"):  # init_lora_weights=False: B is not zero, so the adapter is not a no-op
+        return attach_lora(model, LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, use_dora=method == "dora"))
+    if method == "adalora":  # lora_E starts at zero (PEFT's init): draw it so the adapter is not a no-op
+        adalora = attach_adalora(model, AdaLoraConfig(init_r=4, target_r=2, total_step=10))
+        with torch.no_grad():
+            for name, parameter in adalora.named_parameters():
+                if ".lora_E." in name:
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator))
+        return adalora
     if method == "prompt":
         return tiny_prompt.randomise_prompt(attach_prompt(model, PromptTuningConfig(num_virtual_tokens=3)))
     if method == "p-tuning":
@@ -74,7 +83,7 @@ def test_the_matrix_covers_every_supported_family_once() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("method", "family"), feature_matrix.CELLS, ids="-".join)
+@pytest.mark.parametrize(("method", "family"), feature_matrix.CELLS, ids=[f"{m}-{f}" for m, f in feature_matrix.CELLS])
 def test_method_works_on_family(method: str, family: str) -> None:
     model = tiny_ia3.build(family)
     inputs = tiny_ia3.example_inputs(family)
@@ -95,7 +104,7 @@ def test_method_works_on_family(method: str, family: str) -> None:
 REFUSED_CELLS = [(m, f) for m, families in feature_matrix.REFUSED.items() for f in families]
 
 
-@pytest.mark.parametrize(("method", "family"), REFUSED_CELLS, ids="-".join)
+@pytest.mark.parametrize(("method", "family"), REFUSED_CELLS, ids=[f"{m}-{f}" for m, f in REFUSED_CELLS])
 def test_refused_cells_raise_before_touching_the_model(method: str, family: str) -> None:
     model = tiny_ia3.build(family)
     inputs = tiny_ia3.example_inputs(family)

@@ -44,16 +44,18 @@ METHODS: dict[str, Callable[[nn.Module], Attachment]] = {
         model, PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=16)
     ),
     "lora": lambda model: attach_lora(model, LoraConfig(r=2)),  # the family's default targets
+    "dora": lambda model: attach_lora(model, LoraConfig(r=2, use_dora=True)),
     "prompt": lambda model: attach_prompt(model, PromptTuningConfig(num_virtual_tokens=3)),
     "ia3": lambda model: attach_ia3(model, IA3Config()),
 }
-BASIC = ("prefix", "lora", "prompt", "ia3")
+BASIC = ("prefix", "lora", "dora", "prompt", "ia3")
 # (learning rate, steps) that overshoot after the first steps: the best checkpoint is not the last (measured)
 OVERSHOOT: dict[tuple[str, str], tuple[float, int]] = {
     **{(family, method): (1.0, 5) for family in ("llama", "gpt2") for method in METHODS},
     ("llama", "prompt"): (10.0, 5),
     ("gpt2", "prompt"): (100.0, 5),
     ("gpt2", "lora"): (3.0, 2),
+    ("llama", "dora"): (3.0, 5),
 }
 
 

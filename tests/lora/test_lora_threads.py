@@ -24,12 +24,14 @@ from tiny_models import build_model, random_batch
 from torch import nn
 
 from prefix_hooks import (
+    AdaLoraConfig,
     Attachment,
     IA3Config,
     LoraConfig,
     PrefixTuningConfig,
     PromptTuningConfig,
     adapter_rows,
+    attach_adalora,
     attach_ia3,
     attach_lora,
     attach_prefix,
@@ -317,3 +319,31 @@ def test_an_ia3_task_keeping_the_switch_after_a_merge_raises() -> None:
     _assert_a_task_keeping_the_switch_raises_after_a_merge(
         model, handle, r"merged into this Linear's weight but its adapter is disabled\(\)"
     )
+
+
+# --- the LoRA variants: DoRA and AdaLoRA share LoRA's layer forward and its per-thread switch -----
+VARIANTS: dict[str, Callable[[nn.Module], Attachment]] = {
+    "dora": lambda model: attach_lora(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True)
+    ),
+    "adalora": lambda model: attach_adalora(
+        model, AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=["q_proj", "v_proj"])
+    ),
+}
+
+
+@pytest.mark.parametrize("runner", list(RUNNERS))
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_disabled_in_one_thread_leaves_the_other_adapted_for_lora_variants(variant: str, runner: str) -> None:
+    model = build_model("llama")
+    handle = VARIANTS[variant](model)
+    randomise(handle)  # type: ignore[arg-type]  # a LoRA-family handle
+    inputs = _inputs()
+    with handle:
+        adapted = run(model, inputs)
+        with handle.disabled():
+            base = run(model, inputs)
+        _differ(adapted, base)
+        disabled, enabled = RUNNERS[runner](lambda: run(model, inputs), lambda: run(model, inputs), handle)
+        _assert_all_equal(enabled, adapted, "adapted")
+        _assert_all_equal(disabled, base, "disabled")

@@ -31,8 +31,10 @@ PAGE = ROOT / "docs" / "families.md"
 """The page that shows the table, between :data:`START` and :data:`END`."""
 START, END = "<!-- feature-table:start -->", "<!-- feature-table:end -->"
 
-METHODS = ("prefix", "lora", "prompt", "p-tuning", "ia3")
-TITLES = {"prefix": "Prefix", "lora": "LoRA", "prompt": "Prompt tuning", "p-tuning": "P-tuning", "ia3": "IA3"}
+METHODS = ("prefix", "lora", "dora", "adalora", "prompt", "p-tuning", "ia3")
+TITLES = {
+    "prefix": "Prefix", "lora": "LoRA", "dora": "DoRA", "adalora": "AdaLoRA", "prompt": "Prompt tuning", "p-tuning": "P-tuning", "ia3": "IA3",
+}
 
 KINDS: dict[str, tuple[str, ...]] = {
     "decoder-only": (*tiny_models.FAMILIES, *tiny_inline.FAMILIES),
@@ -70,6 +72,8 @@ PARITY_FILES: dict[str, str] = {
     "tests/families/test_seq2seq_peft.py": "prefix",
     "tests/families/test_inline_peft.py": "prefix",
     "tests/lora/test_lora_peft_parity.py": "lora",
+    "tests/lora/test_dora_peft_parity.py": "dora",
+    "tests/lora/test_adalora_peft_parity.py": "adalora",
     "tests/prompt/test_prompt_peft_parity.py": "prompt",  # ids naming mlp/lstm are P-tuning
     "tests/ia3/test_ia3_peft_parity.py": "ia3",
 }

@@ -6,6 +6,8 @@ Keys (the adapter name removed, as PEFT's ``get_peft_model_state_dict`` does)::
     base_model.model.<target>.lora_B.weight      (out, r)      Linear / Conv1D (Conv2d: (out, r, 1, 1))
     base_model.model.<target>.lora_embedding_A   (r, V)        Embedding
     base_model.model.<target>.lora_embedding_B   (D, r)        Embedding
+    base_model.model.<target>.lora_magnitude_vector  (out,)    DoRA (Embedding (D,), Conv2d (1, out, 1, 1)); in
+                                                               the model ``<target>.lora_magnitude_vector.<adapter>.weight``
     base_model.model.<module>.<key>              every ``state_dict()`` entry of a modules-to-save copy
 
 The config and these tensors rebuild the adapter exactly, so LoRA writes nothing into the
@@ -44,6 +46,9 @@ from prefix_hooks.lora.targets import select_targets
 PEFT_PREFIX = "base_model.model."
 """Prefix of every key PEFT saves for a non-prompt-learning adapter."""
 
+MAGNITUDE = "lora_magnitude_vector"
+"""The container of the DoRA magnitudes in a LoRA layer."""
+
 _FACTOR = re.compile(r"^(?P<module>.+)\.(?P<container>lora_[A-Za-z_]+)\.(?P<adapter>[^.]+)(?P<rest>(\.[^.]+)*)$")
 
 
@@ -51,7 +56,9 @@ def factor_key(name: str, adapter_name: str) -> str:
     """PEFT's checkpoint key of one LoRA factor, from its in-model name.
 
     ``<target>.lora_A.<adapter>.weight`` -> ``base_model.model.<target>.lora_A.weight``;
-    ``<target>.lora_embedding_A.<adapter>`` -> ``base_model.model.<target>.lora_embedding_A``.
+    ``<target>.lora_embedding_A.<adapter>`` -> ``base_model.model.<target>.lora_embedding_A``;
+    ``<target>.lora_magnitude_vector.<adapter>.weight`` -> ``base_model.model.<target>.lora_magnitude_vector``
+    (PEFT drops that ``.weight``: the magnitude was a plain parameter before PEFT made it a module).
 
     Raises:
         ValueError: ``name`` is not ``<module>.lora_<kind>.<adapter_name>[.<param>]``.
@@ -59,7 +66,8 @@ def factor_key(name: str, adapter_name: str) -> str:
     found = _FACTOR.match(name)
     if found is None or found["adapter"] != adapter_name:
         raise ValueError(f"{name!r} is not the name of a LoRA factor of adapter {adapter_name!r}")
-    return f"{PEFT_PREFIX}{found['module']}.{found['container']}{found['rest']}"
+    rest = "" if found["container"] == MAGNITUDE and found["rest"] == ".weight" else found["rest"]
+    return f"{PEFT_PREFIX}{found['module']}.{found['container']}{rest}"
 
 
 def modules_to_save_copies(handle: LoraAttachment) -> dict[str, nn.Module]:
@@ -187,24 +195,37 @@ class LoraCodec:
         check_loadable(config, LoraConfig, saved, "LoRA")
         config = loading_config(config, trainable)
         handle = LoraAttachment(model, config, adapter_name)
-        what = f"LoRA adapter {adapter_name!r}"
-        own = adapter_state_dict(handle)
-        aliases = copy_bias_aliases(handle)
-        # keys written for module names from before transformers 5 (PEFT adapters trained on 4.x)
-        bases = base_state_dict(handle)
-        given = current_keys(model, saved.tensors, {*own, *aliases, *bases})
-        base = {**bases, **_embedding_bases(handle, given)}
-        check_state_dict(given, {**base, **own, **aliases}, what)
-        _require_equal(
-            given,
-            base,
-            f"is a base-model tensor (PEFT saves it for bias={config.bias!r} or a targeted embedding) and differs "
-            "from this model's; loading would have to change the base model, which attach never does. Load the "
-            "adapter on the model it was trained with (its trained biases included)",
-        )
-        copy_into(given, own)
-        _require_equal(given, aliases, "repeats a modules-to-save copy's bias but holds another value")
+        load_tensors(handle, saved, f"LoRA adapter {adapter_name!r}")
         return handle
+
+
+def load_tensors(handle: LoraAttachment, saved: SavedAdapter, what: str) -> None:
+    """Check every saved key and shape against ``handle`` (a LoRA or AdaLoRA adapter, not attached),
+    then copy the values into its tensors.
+
+    Base-model tensors PEFT saves (trained biases, a targeted embedding's matrix) must equal the
+    model's own: loading never changes the base model.
+
+    Raises:
+        ValueError: a key is missing or unexpected, a shape or dtype is wrong, a base tensor differs
+            from the model's; nothing is copied then.
+    """
+    own = adapter_state_dict(handle)
+    aliases = copy_bias_aliases(handle)
+    # keys written for module names from before transformers 5 (PEFT adapters trained on 4.x)
+    bases = base_state_dict(handle)
+    given = current_keys(handle.model, saved.tensors, {*own, *aliases, *bases})
+    base = {**bases, **_embedding_bases(handle, given)}
+    check_state_dict(given, {**base, **own, **aliases}, what)
+    _require_equal(
+        given,
+        base,
+        f"is a base-model tensor (PEFT saves it for bias={handle.config.bias!r} or a targeted embedding) and "
+        "differs from this model's; loading would have to change the base model, which attach never does. Load "
+        "the adapter on the model it was trained with (its trained biases included)",
+    )
+    copy_into(given, own)
+    _require_equal(given, aliases, "repeats a modules-to-save copy's bias but holds another value")
 
 
 def _require_equal(given: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], why: str) -> None:
