@@ -22,15 +22,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import peft
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.decode import DecodeInputs, DecodeLoop, peft_decode_loop
 from benchmarks.methods import METHODS, Method
 from benchmarks.models import PAD_TOKEN_ID, ModelSpec, build_model, model_specs, random_tokens
 from benchmarks.scenarios import CausalLM, training_step_factory
 
 BATCH, SEQ_LEN, NEW_TOKENS = 2, 16, 8
-SCENARIOS = ("forward", "train step", f"generate {NEW_TOKENS}")
+DECODE = "decode step"
+DECODE_EXPLICIT = "decode step, positions + mask"
+SCENARIOS = ("forward", "train step", f"generate {NEW_TOKENS}", DECODE, DECODE_EXPLICIT)
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,13 @@ def aten_ops(operation: Callable[[], object]) -> collections.Counter[str]:
 def _operation(
     scenario: str, model: CausalLM, input_ids: torch.Tensor, trainable: list[torch.nn.Parameter]
 ) -> Callable[[], object]:
+    """One call of ``scenario`` on ``model``; build it with any adapter of ours attached (a decode
+    step prefills here)."""
+    if scenario in (DECODE, DECODE_EXPLICIT):  # one single-token forward on a user cache, after one such step
+        prompt, tokens = input_ids[:1, :-2], input_ids[1:, -2:]  # (1, T - 2), (1, 2): the warm-up step and the counted one
+        inputs = DecodeInputs(prompt, tokens, explicit=scenario == DECODE_EXPLICIT)
+        loop = peft_decode_loop(model, inputs) if isinstance(model, peft.PeftModel) else DecodeLoop(model, model, inputs)
+        return loop.next_step
     if scenario == "forward":
 
         @torch.no_grad()
@@ -99,7 +110,7 @@ def count_model(spec: ModelSpec, methods: dict[str, Method]) -> list[Count]:
                 model.train(train)
             peft_trainable = [p for p in peft_model.parameters() if p.requires_grad]
             base_ops = aten_ops(_operation(scenario, base, input_ids, []))
-            with handle:
+            with handle:  # a decode step continues a cache filled in the same attach
                 ours_ops = aten_ops(_operation(scenario, base, input_ids, list(handle.parameters())))
             peft_ops = aten_ops(_operation(scenario, peft_model, input_ids, peft_trainable))
             excess = {op: ours_ops[op] - peft_ops[op] for op in ours_ops if ours_ops[op] > peft_ops[op]}
@@ -137,7 +148,8 @@ def main(argv: Sequence[str] | None = None) -> list[Count]:
     print(table)
     if args.output is not None:
         args.output.write_text(
-            f"# Operator counts (batch {BATCH} × {SEQ_LEN} tokens; generate: 1 × {SEQ_LEN} + {NEW_TOKENS})\n\n"
+            f"# Operator counts (batch {BATCH} × {SEQ_LEN} tokens; generate: 1 × {SEQ_LEN} + {NEW_TOKENS}; "
+            f"decode step: the second single-token step after 1 × {SEQ_LEN - 2} in a DynamicCache)\n\n"
             f"Command: `python -m benchmarks.opcount {' '.join(argv or sys.argv[1:])}`\n\n{table}\n"
         )
     return counts

@@ -201,6 +201,16 @@ def methodology(workload: Workload, method_names: list[str]) -> str:
                 "over the wall time of the whole call, prefill included."
             ),
             (
+                f"- decode {workload.decode_steps} after {' and '.join(map(str, workload.decode_contexts))}: the loop a "
+                "streaming server writes (`benchmarks/decode.py`): a `DynamicCache` prefilled with the prompt (not timed), "
+                f"then {workload.decode_steps} single-token `model(input_ids=token, <cache>=cache, use_cache=True)` calls, "
+                "batch 1, under `torch.no_grad()`; the cache is cropped back after each round. `positions + mask` also "
+                "passes `position_ids` and an all-ones `attention_mask` on each step. tokens/s = steps over their wall "
+                "time. PEFT's prompt-learning models prefill through the PEFT model and step through the base model it "
+                "wraps (their own forward would put the virtual tokens in front again); ours decodes with the handle "
+                "attached and is checked against an uncached forward first."
+            ),
+            (
                 "- attach + detach: ours is `handle.attach(); handle.detach()` on a built handle; build + attach + detach "
                 "also builds the handle (`attach_prefix(...)`: config resolution, encoder initialisation). PEFT's "
                 "equivalent in both rows is `peft.get_peft_model(model, config)` (which builds the encoder) followed by "

@@ -7,6 +7,7 @@ Usage, from the repository root::
     python -m benchmarks.run --output BENCHMARKS.md   # also write the results file
     python -m benchmarks.run --scenarios generate --repeats 15   # only some scenarios, more rounds
     python -m benchmarks.run --methods ia3 "prompt tuning P=20"  # only some methods
+    python -m benchmarks.run --scenarios decode --models llama     # the hand-written decode loop
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ if __package__ in (None, ""):  # run as `python benchmarks/run.py`
 
 import torch
 
+from benchmarks.decode import decode_rows
 from benchmarks.methods import METHODS, Method
 from benchmarks.models import ModelSpec, build_model, model_specs
 from benchmarks.report import (
@@ -48,9 +50,10 @@ from benchmarks.scenarios import (
 )
 
 FULL = Workload(batch=4, seq_len=128, prompt_lens=(32, 1024), new_tokens=64, repeats=5, warmup=1, attach_repeats=50)
-SCENARIOS = ("attach", "forward", "train", "generate")
+SCENARIOS = ("attach", "forward", "train", "generate", "decode")
 QUICK = Workload(
-    batch=2, seq_len=16, prompt_lens=(8, 32), new_tokens=4, repeats=2, warmup=1, attach_repeats=5, skeleton=(2, 128)
+    batch=2, seq_len=16, prompt_lens=(8, 32), new_tokens=4, repeats=2, warmup=1, attach_repeats=5, skeleton=(2, 128),
+    decode_contexts=(8,), decode_steps=2,
 )
 
 
@@ -89,7 +92,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--scenarios",
         nargs="+",
         choices=SCENARIOS,
-        help="only these scenarios (default: all; 'train' includes its peak memory)",
+        help="only these scenarios (default: all; 'train' includes its peak memory; 'decode' is the hand-written "
+        "loop of single-token forwards with a user cache)",
     )
     args = parser.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
@@ -138,6 +142,11 @@ def benchmark_model(
         for prompt_len in workload.prompt_lens:
             rows += generation(contenders, workload, prompt_len)
             done(f"generation after {prompt_len}")
+    if "decode" in scenarios:
+        for context_len in workload.decode_contexts:
+            for explicit in (False, True):
+                rows += decode_rows(contenders, workload, context_len, explicit)
+            done(f"decode loop after {context_len}")
     return rows + attach_rows, checks
 
 

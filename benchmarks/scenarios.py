@@ -41,6 +41,10 @@ class Workload:
     attach_repeats: int
     skeleton: tuple[int, int] = (32, 4096)
     """Layers and width of the meta-device llama that LoRA is attached to in :func:`lora_on_meta_skeleton`."""
+    decode_contexts: tuple[int, ...] = (32, 1024)
+    """Prefill lengths of the decode-loop scenario (:func:`benchmarks.decode.decode_rows`)."""
+    decode_steps: int = 16
+    """Single-token forward steps per timed decode loop."""
 
 
 CausalLM = PreTrainedModel | peft.PeftModel

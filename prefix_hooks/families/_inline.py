@@ -122,8 +122,11 @@ class InlineAttentionAdapter(ArchitectureAdapter):
             "load the model with attn_implementation='eager'" + (" or 'sdpa'" if self.name == "falcon" else "")
         )
 
+    def interposer_serves(self, site: AttentionSite) -> bool:
+        return self.serves_through_registry(site.module)
+
     def install_site_hooks(self, sites: list[AttentionSite], current_state: CurrentState, undo: UndoStack) -> None:
-        viewed = [site for site in sites if not self.serves_through_registry(site.module)]
+        viewed = [site for site in sites if not self.interposer_serves(site)]
         install_cache_view_hooks(viewed, current_state, undo, self.extend_arguments)
 
     def extend_arguments(self, module: nn.Module, call: ForwardCall, num_prefix: int, state: SpliceSource) -> None:

@@ -192,6 +192,9 @@ class EncoderDecoderAdapter(ArchitectureAdapter):
         """Nothing to do on the call: the stack's ``embed_positions`` hook shifts the positions."""
 
     # --- hooks -------------------------------------------------------------------------------
+    def interposer_serves(self, site: AttentionSite) -> bool:
+        return False  # the stacks' caches are an EncoderDecoderCache's: never kept prefixed
+
     def install_site_hooks(self, sites: list[AttentionSite], current_state: CurrentState, undo: UndoStack) -> None:
         """Install :meth:`install_stack_hooks` on every root stack."""
         for stack, stack_sites in _sites_by_stack(sites).items():

@@ -70,6 +70,9 @@ class TextTowerAdapter(ArchitectureAdapter):
         reason = text_adapter.unsupported_reason(text_model)
         return None if reason is None else f"{self.name}'s language model: {reason}"
 
+    def interposer_serves(self, site: AttentionSite) -> bool:
+        return adapter_for(site.module).interposer_serves(site)
+
     def install_site_hooks(self, sites: list[AttentionSite], current_state: CurrentState, undo: UndoStack) -> None:
         if sites:
             adapter_for(sites[0].module).install_site_hooks(sites, current_state, undo)

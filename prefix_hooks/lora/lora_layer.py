@@ -45,6 +45,11 @@ def weight_of(module: nn.Module) -> torch.Tensor:
     return weight
 
 
+def as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor`` in ``dtype``; no operator at all when it already is (``Tensor.to`` dispatches one)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 class LoraLayer(WeightMerging):
     """Base of the LoRA wrappers; see the module docstring for the maths.
 
@@ -259,7 +264,7 @@ class LoraLayer(WeightMerging):
         out_dtype = result.dtype
         for name in names:
             result = result + self._added_output(name, x, result)  # promotes to float32
-        return result.to(out_dtype)
+        return as_dtype(result, out_dtype)
 
     def _switched_on(self, names: list[str], off: frozenset[int]) -> list[str]:
         """``names`` without the adapters whose switch is ``off`` (ids) in this thread / task.
@@ -317,12 +322,12 @@ class LoraLayer(WeightMerging):
     def _adapter_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """``B(A(dropout(x))) * scaling`` in float32, shaped like the base output (a plain LoRA adapter's term)."""
         if self._drops_input:
-            x = self.lora_dropout[name](x.to(weight_of(self.lora_A[name]).dtype))
+            x = self.lora_dropout[name](as_dtype(x, weight_of(self.lora_A[name]).dtype))
         return self._update(name, x)
 
     def _update(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """``B(A(x)) * scaling`` in float32 (no dropout), shaped like the base output."""
-        x = x.to(weight_of(self.lora_A[name]).dtype)
+        x = as_dtype(x, weight_of(self.lora_A[name]).dtype)
         return self.lora_B[name](self.lora_A[name](x)) * self.scaling[name]
 
     def _base_output(self, x: torch.Tensor) -> torch.Tensor:
@@ -351,7 +356,7 @@ class LoraLayer(WeightMerging):
             return self._adapter_output(name, x)
         dropout = self.lora_dropout[name]
         if self._drops_input and self.training and not isinstance(dropout, nn.Identity):
-            x = dropout(x.to(weight_of(self.lora_A[name]).dtype))
+            x = dropout(as_dtype(x, weight_of(self.lora_A[name]).dtype))
             base = self._base_output(x)  # W drop(x), recomputed as PEFT does
         else:
             bias = getattr(self.base_layer, "bias", None)

@@ -5,12 +5,13 @@
 ...     trainer.train()
 
 * :mod:`.config`: :class:`PrefixTuningConfig`; :mod:`.encoder`: :class:`PrefixEncoder`;
-* :mod:`.attachment`: :func:`attach_prefix` and the per-forward state;
+* :mod:`.attachment`: :func:`attach_prefix`; :mod:`.state`: the per-forward state;
 * :mod:`.architecture`: what a model family must tell the method, and the family registry
   (the adapters themselves live in :mod:`prefix_hooks.families`);
 * :mod:`.interposer`, :mod:`.splice`, :mod:`.merged_attention`: the prefix entering attention
   through transformers' attention-function registry; :mod:`.cache_view`: the same for modules
-  that attend inline; :mod:`.views`: the per-layer key/value views.
+  that attend inline; :mod:`.prefixed_cache`: decode steps that keep the prefix in the cache's
+  storage; :mod:`.views`: the per-layer key/value views.
 
 Until 0.2 this package was one module, ``prefix_hooks.prefix``; its other names still resolve
 here with a :class:`DeprecationWarning` (see :mod:`prefix_hooks.core.moved`).

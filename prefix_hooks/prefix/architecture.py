@@ -30,6 +30,7 @@ from torch import nn
 
 from prefix_hooks.core.calls import ForwardCall
 from prefix_hooks.core.transformers_compat import cached_length, find_cache
+from prefix_hooks.prefix.prefixed_cache import PrefixedStorage
 
 if TYPE_CHECKING:
     from prefix_hooks.core.attachment import UndoStack
@@ -95,16 +96,31 @@ class SpliceSource(Protocol):
         mask_cache: per-forward memo of extended masks, keyed by the original mask.
         position_offset: the offset the running root gave its real tokens' positions (per-module
             hooks of families that look positions up inside the model read it).
+        storage: the attachment's cache layers that hold its prefix in front (decode steps).
     """
 
     mask_cache: dict[Any, tuple[Any, Any]]
     position_offset: int
+    storage: PrefixedStorage
 
     def prefix_for(
         self, module: nn.Module, batch: int | None = None, dtype: torch.dtype | None = None
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Keys and values ``(kv_heads, P, D)`` for ``module`` (counted as spliced), or ``None``;
         with ``batch`` and ``dtype``, ``(batch, kv_heads, P, D)`` expanded views in ``dtype``."""
+
+    def carried_prefix(self, key: torch.Tensor) -> tuple[int, int] | None:
+        """``(slot, P)`` when the cache returned ``key`` with that slot's ``P`` prefix positions in front, else ``None``."""
+
+    def count_spliced(self) -> None:
+        """Count one attention layer as having taken its prefix (without :meth:`prefix_for`)."""
+
+    def stored_prefix(self, module: nn.Module, batch: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``module``'s prefix ``(batch, kv_heads, P, D)`` for a :class:`PrefixedStorage` (the same views from
+        forward to forward), or ``None`` when it records a gradient. Not counted as spliced."""
+
+    def slot_of(self, module: nn.Module) -> int | None:
+        """``module``'s prefix slot, or ``None`` for a module without a prefix."""
 
 
 CurrentState = Callable[[], "SpliceSource | None"]
@@ -184,6 +200,12 @@ class ArchitectureAdapter:
         (PEFT's encoder-decoder layout) override it.
         """
         return len({site.layer for site in sites})
+
+    def interposer_serves(self, site: AttentionSite) -> bool:
+        """Whether the attention interposer alone splices ``site``'s prefix: no hook of the family's own
+        puts it in front of the cached keys (a cache view does, for inline attention). Only such
+        decoder self-attention sites may keep the prefix in the cache's storage (``prefixed_cache``)."""
+        return True
 
     def install_site_hooks(self, sites: list[AttentionSite], current_state: CurrentState, undo: UndoStack) -> None:
         """Install what delivers each site's prefix, pushing every removal onto ``undo``.

@@ -22,7 +22,7 @@ import inspect
 import os
 from collections.abc import Callable
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,81 +40,10 @@ from prefix_hooks.prefix import interposer as attention_interposer
 from prefix_hooks.prefix.architecture import ArchitectureAdapter, AttentionSite, ModelDims, adapter_for
 from prefix_hooks.prefix.config import PrefixTuningConfig, resolve_prefix_config
 from prefix_hooks.prefix.encoder import PrefixEncoder
+from prefix_hooks.prefix.prefixed_cache import PrefixedStorage, unwrap_output_cache, wrap_cache
 from prefix_hooks.prefix.splice import SUPPORTED_IMPLEMENTATIONS, Backend, backend_of
-from prefix_hooks.prefix.views import LayerViews, expanded
-
-
-class SpliceCount:
-    """How many attention layers took the prefix during one forward.
-
-    Not a dataclass, so the copies of the state that FSDP2 makes (``dataclasses.replace``, to
-    wrap the prefix tensor once per sharded layer) all count into the one object."""
-
-    __slots__ = ("value",)
-
-    def __init__(self) -> None:
-        self.value = 0
-
-
-@dataclass
-class PrefixForwardState:
-    """The prefix of one forward call, for every attention module of the model.
-
-    Attributes:
-        layer_of: attention module -> layer index.
-        kv: ``(L, 2, kv_heads, P, D)``; ``kv[i, 0]`` are layer ``i``'s keys, ``kv[i, 1]`` its values.
-        mask_cache: extended masks, shared by the layers that receive the same mask.
-        views: memo of the batch-expanded per-layer views (the attachment's, reused across forwards).
-        position_offset: the offset this forward's root gave the real tokens' positions; per-module
-            hooks of families that look positions up inside the model read it.
-    """
-
-    layer_of: dict[nn.Module, int]
-    kv: torch.Tensor
-    rebuild: Callable[[], torch.Tensor]
-    mask_cache: dict[Any, tuple[Any, Any]] = field(default_factory=dict)
-    position_offset: int = 0
-    splice_count: SpliceCount = field(default_factory=SpliceCount)  # shared by copies of this state
-    views: LayerViews = field(default_factory=LayerViews)
-    _no_grad_calls: bool = False
-    _parts: tuple[torch.Tensor, ...] | None = None  # kv split into 2L (kv_heads, P, D) tensors, once per forward
-
-    @property
-    def spliced(self) -> int:
-        """Attention layers that took the prefix so far in this forward (across copies of the state)."""
-        return self.splice_count.value
-
-    def prefix_for(
-        self, module: nn.Module, batch: int | None = None, dtype: torch.dtype | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Keys and values for ``module``: ``(kv_heads, P, D)`` each, or with ``batch`` and
-        ``dtype`` given, ``(batch, kv_heads, P, D)`` expanded views in ``dtype``; ``None`` for a
-        module without a prefix. Counts the call as a spliced layer."""
-        layer = self.layer_of.get(module)
-        if layer is None:
-            return None
-        self.splice_count.value += 1
-        kv = self.kv
-        parts = self._parts
-        if kv.requires_grad and not torch.is_grad_enabled():
-            self._no_grad_calls = True  # reentrant checkpointing's first pass records no graph here
-        elif self._no_grad_calls and torch.is_grad_enabled() and torch._C._current_graph_task_id() != -1:
-            # Reentrant recomputation runs one backward per layer: give each layer its own
-            # encoder graph, or the second layer would backpropagate through freed buffers.
-            kv, parts = self.rebuild(), None
-        recording = kv.requires_grad and torch.is_grad_enabled()
-        if batch is not None and dtype is not None and not recording:
-            return self.views.get(kv, layer, batch, dtype)  # (B, kv_heads, P, D) each, memoized across forwards
-        if parts is None:
-            # one split for all layers: its backward is one stack, where a select per layer would
-            # each allocate and fill a gradient of the whole (L, 2, kv_heads, P, D) tensor
-            parts = kv.flatten(0, 1).unbind(0)  # 2L x (kv_heads, P, D); keys of layer i at 2i, values at 2i + 1
-            if kv is self.kv:
-                self._parts = parts
-        keys, values = parts[2 * layer], parts[2 * layer + 1]  # (kv_heads, P, D) each
-        if batch is not None and dtype is not None:
-            return expanded(keys, batch, dtype), expanded(values, batch, dtype)  # (B, kv_heads, P, D) each
-        return keys, values
+from prefix_hooks.prefix.state import PrefixForwardState
+from prefix_hooks.prefix.views import LayerViews
 
 
 @dataclass(frozen=True)
@@ -124,6 +53,22 @@ class _Root:
     module: nn.Module
     params: list[str]
     offset: int
+
+
+def _cache_slots(family: ArchitectureAdapter, sites: list[AttentionSite]) -> dict[int, int]:
+    """Cache layer index -> prefix slot for the self-attention sites the interposer alone serves, when
+    their ``layer_idx`` attributes identify their cache layers one to one; else empty (no
+    :class:`PrefixedCache`). A site served by a cache view of its family (inline attention) keeps
+    the prefix in the cache's storage through that view instead."""
+    slots: dict[int, int] = {}
+    for site in sites:
+        if not family.interposer_serves(site):
+            continue
+        layer_idx = getattr(site.module, "layer_idx", None)
+        if site.role != "self" or not isinstance(layer_idx, int) or slots.get(layer_idx, site.layer) != site.layer:
+            return {}
+        slots[layer_idx] = site.layer
+    return slots
 
 
 def _model_dims(
@@ -168,7 +113,7 @@ class PrefixAttachment(SavedModulesAttachment):
 
     virtual_tokens = "prefix"
 
-    _transient_attributes = ("_kv_memo", "_views")
+    _transient_attributes = ("_kv_memo", "_views", "_storage")
 
     def __init__(self, model: nn.Module, config: PrefixTuningConfig, adapter_name: str = "default") -> None:
         super().__init__(model, adapter_name)
@@ -186,6 +131,7 @@ class PrefixAttachment(SavedModulesAttachment):
         self._check_implementation()
         dims, self._sites = _model_dims(self.family, model, config)
         self._layer_of = {site.module: site.layer for site in self._sites}
+        self._cache_slots = _cache_slots(self.family, self._sites)
         self.config = resolve_prefix_config(config, dims)
         self._roots = [self._root(module) for module in self.family.roots(model, self._sites)]
         # the state of the forward running in this thread / task (or of the last one, which a
@@ -201,6 +147,7 @@ class PrefixAttachment(SavedModulesAttachment):
         self._dims = dims
         self._kv_memo: tuple[torch.Tensor, torch.Tensor] | None = None  # (encoder output, its layer view)
         self._views = LayerViews()
+        self._storage = PrefixedStorage()  # cache layers holding this prefix in front (decode)
 
     def _root(self, module: nn.Module) -> _Root:
         offset = (
@@ -259,11 +206,13 @@ class PrefixAttachment(SavedModulesAttachment):
     def _forget_views(self) -> None:
         self._kv_memo = None
         self._views.clear()
+        self._storage.clear()
         self.encoder.forget()
 
     def _reset_transient(self) -> None:
         self._kv_memo = None
         self._views = LayerViews()
+        self._storage = PrefixedStorage()
 
     def _forget_current(self) -> None:
         self._current.set(None)
@@ -291,16 +240,23 @@ class PrefixAttachment(SavedModulesAttachment):
             return forward(*args, **kwargs)  # detached, disabled, or a stack inside a root already served
         self._check_implementation()
         state = PrefixForwardState(
-            self._layer_of, self.layer_prefixes(), self.layer_prefixes, position_offset=root.offset, views=self._views
+            self._layer_of, self.layer_prefixes(), self.layer_prefixes, position_offset=root.offset, views=self._views,
+            storage=self._storage, cache_slots=self._cache_slots,
         )
         self._current.set(state)
         call = ForwardCall(root.params, args, dict(kwargs), module=root.module)
         call.kwargs[attention_interposer.STATE_KWARG] = state
         if root.offset:
             self.family.offset_positions(call, root.offset)
-        output = forward(*call.args, **call.kwargs)
+        proxy = wrap_cache(call, state.storage, state.cache_prefix, state.note_prefixed) if self._cache_slots else None
+        try:
+            output = forward(*call.args, **call.kwargs)
+        finally:
+            if proxy is not None:
+                proxy.close()
+            state.prefixed.clear()  # the state outlives the forward: hold no cache tensors
         self._check_spliced(root.module, state)
-        return output
+        return output if proxy is None else unwrap_output_cache(output, proxy)
 
     def _check_spliced(self, module: nn.Module, state: PrefixForwardState) -> None:
         if state.spliced == 0 and self._layer_of:

@@ -10,7 +10,8 @@ attention module therefore swaps its cache argument for a :class:`PrefixCacheVie
 
 * ``update()`` writes only the real tokens into the real cache and returns
   ``cat(prefix, real)`` along the sequence axis, so the module attends over
-  ``P + S`` keys while the cache keeps holding ``S``;
+  ``P + S`` keys while the cache keeps holding ``S`` (a decode step of a ``DynamicCache``
+  makes that one copy through :class:`~prefix_hooks.prefix.prefixed_cache.PrefixedStorage`);
 * without a cache (``use_cache=False``, training) the module still gets a view, over
   an empty stand-in that stores nothing, so the prefix is spliced there too;
 * everything else (``get_seq_length()``, ``isinstance(view, DynamicCache)``, ...)
@@ -34,11 +35,14 @@ from torch import nn
 from prefix_hooks.core.calls import ForwardCall
 from prefix_hooks.core.transformers_compat import CACHE_KEYWORDS, cache_keyword, find_cache, forward_parameters
 from prefix_hooks.prefix.architecture import AttentionSite, CurrentState, SpliceSource
+from prefix_hooks.prefix.prefixed_cache import PrefixedStorage, steps_over
 
 if TYPE_CHECKING:
     from prefix_hooks.core.attachment import UndoStack
 
 ExtendArguments = Callable[[nn.Module, ForwardCall, int, SpliceSource], None]
+StoredPrefix = tuple[PrefixedStorage, Callable[[int, torch.dtype], "tuple[torch.Tensor, torch.Tensor] | None"]]
+"""The state's storage and ``(batch, dtype) -> (B, kv_heads, P, D)`` prefix views of one module (``None``: do not store)."""
 """``(module, call, P, state)``: widen the call's mask/alibi arguments by ``P`` prefix columns."""
 
 
@@ -82,14 +86,26 @@ class PrefixCacheView(wrapt.ObjectProxy):
         prefix_key, prefix_value: ``(kv_heads, P, D)`` each.
     """
 
-    def __init__(self, cache: Any, prefix_key: torch.Tensor, prefix_value: torch.Tensor) -> None:
+    def __init__(self, cache: Any, prefix_key: torch.Tensor, prefix_value: torch.Tensor,
+                 stored: StoredPrefix | None = None) -> None:
         super().__init__(NoCache() if cache is None else cache)
         self._self_prefix_key = prefix_key
         self._self_prefix_value = prefix_value
+        self._self_stored = stored if steps_over(cache) else None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write ``(B, kv_heads, T, D)`` keys/values to the real cache; return ``(B, kv_heads, P + S, D)`` each."""
+        """Write ``(B, kv_heads, T, D)`` keys/values to the real cache; return ``(B, kv_heads, P + S, D)`` each.
+
+        A decode step of a ``DynamicCache`` goes through the state's :class:`PrefixedStorage`
+        (one copy, as the base model's, instead of two)."""
+        if self._self_stored is not None:
+            storage, batched = self._self_stored
+            prefix = batched(key_states.shape[0], key_states.dtype)  # (B, kv_heads, P, D) each
+            if prefix is not None:
+                stepped = storage.update(self.__wrapped__, layer_idx, key_states, value_states, *prefix)
+                if stepped is not None:
+                    return stepped
         keys, values = self.__wrapped__.update(key_states, value_states, layer_idx, *args, **kwargs)
         return prepend_prefix(self._self_prefix_key, keys), prepend_prefix(self._self_prefix_value, values)
 
@@ -163,6 +179,7 @@ def _hand_view(
     given_as, cache = find_cache(call)
     if given_as is not None and given_as != cache_parameter and given_as in call.kwargs:
         del call.kwargs[given_as]  # an old spelling: pass the view under the module's own name only
-    call.set(cache_parameter, PrefixCacheView(cache, prefix_key, prefix_value))
+    stored = (state.storage, functools.partial(state.stored_prefix, module))
+    call.set(cache_parameter, PrefixCacheView(cache, prefix_key, prefix_value, stored))
     extend_arguments(module, call, int(prefix_key.shape[1]), state)
     return call.args, call.kwargs

@@ -31,7 +31,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from prefix_hooks.prefix.architecture import SpliceSource
 from prefix_hooks.prefix.merged_attention import merged_attention
-from prefix_hooks.prefix.splice import Backend, backend_of, splice_prefix
+from prefix_hooks.prefix.fused_prefill import lower_right_prefill
+from prefix_hooks.prefix.splice import Backend, backend_of, extended_mask, splice_prefix, wants_causal
 
 STATE_KWARG = "prefix_hooks_state"
 """Name of the keyword argument that carries the per-forward state to the layers."""
@@ -48,6 +49,20 @@ def _wrap(backend: Backend, attn_implementation: str | None, function: Callable[
         state: SpliceSource | None = kwargs.pop(STATE_KWARG, None)
         if state is None:
             return function(module, query, key, value, *args, **kwargs)
+        carried = state.carried_prefix(key)  # (slot, P) when the cache returned key with a prefix in front
+        if carried is not None:
+            slot, num_prefix = carried
+            mask = args[0] if args else kwargs.get("attention_mask")
+            if slot == state.slot_of(module) and (query.shape[2] == 1 or mask is not None):
+                state.count_spliced()  # the decode step of prefixed_cache: attention over [prefix; real] as is
+                if mask is None:
+                    return function(module, query, key, value, *args, **kwargs)
+                mask = extended_mask(mask, num_prefix, state.mask_cache)
+                if args:
+                    return function(module, query, key, value, mask, *args[1:], **kwargs)
+                return function(module, query, key, value, **{**kwargs, "attention_mask": mask})
+            # another layer's prefix, or sdpa's implicit causal pattern: attend from the real part
+            key, value = key[:, :, num_prefix:], value[:, :, num_prefix:]  # (B, kv_heads, S, D)
         prefix = state.prefix_for(module, query.shape[0], query.dtype)  # (B, kv_heads, P, D) each
         if prefix is None:
             return function(module, query, key, value, *args, **kwargs)
@@ -64,6 +79,10 @@ def _wrap(backend: Backend, attn_implementation: str | None, function: Callable[
             merged = merged_attention(module, query, key, value, mask, prefix, kwargs, state.mask_cache)
             if merged is not None:
                 return merged
+            if mask is None and query.shape[2] > 1 and wants_causal(module, kwargs):  # a causal prefill off the CPU
+                fused = lower_right_prefill(query, key, value, prefix, kwargs)
+                if fused is not None:
+                    return fused
         key, value, mask = splice_prefix(backend, module, query, key, value, mask, prefix, kwargs, state.mask_cache)
         return function(module, query, key, value, mask, *rest, **kwargs)
 

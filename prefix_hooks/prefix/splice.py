@@ -117,6 +117,38 @@ def causal_mask_with_prefix(q_len: int, num_prefix: int, device: torch.device) -
     return torch.cat([visible, causal], dim=-1)[None, None]  # (1, 1, T, P + T)
 
 
+def extended_mask(attention_mask: Any, num_prefix: int, mask_cache: dict[Any, tuple[Any, Any]] | None) -> Any:
+    """A layer's mask over ``P`` always-visible prefix keys plus the real ones, built once per mask object.
+
+    Args:
+        attention_mask: a ``BlockMask`` or a mask tensor ``(..., S)`` in any convention.
+        num_prefix: ``P``.
+        mask_cache: per-forward memo so that layers sharing one mask extend it once.
+
+    Returns:
+        ``(B, H, T, P + S)`` for a ``BlockMask``, ``(..., P + S)`` for a tensor.
+
+    Raises:
+        TypeError: a mask of another type.
+    """
+    cached = mask_cache.get(id(attention_mask)) if mask_cache is not None else None
+    if cached is not None and cached[0] is attention_mask:
+        return cached[1]
+    extended: Any
+    if isinstance(attention_mask, BlockMask):
+        extended = extend_block_mask(attention_mask, num_prefix)  # (B, H, T, P + S)
+    elif isinstance(attention_mask, torch.Tensor):
+        extended = extend_mask(attention_mask, num_prefix)  # (..., P + S)
+    else:
+        raise TypeError(
+            f"attention mask of type {type(attention_mask).__name__} is not supported with a prefix; "
+            f"supported attention implementations: {', '.join(SUPPORTED_IMPLEMENTATIONS)}"
+        )
+    if mask_cache is not None:
+        mask_cache[id(attention_mask)] = (attention_mask, extended)
+    return extended
+
+
 def splice_prefix(
     backend: Backend,
     module: nn.Module,
@@ -162,23 +194,7 @@ def splice_prefix(
                     mask_cache[cache_key] = cached
             attention_mask = cached[1]
     else:
-        cached = mask_cache.get(id(attention_mask)) if mask_cache is not None else None
-        if cached is not None and cached[0] is attention_mask:
-            attention_mask = cached[1]
-        else:
-            extended: Any
-            if isinstance(attention_mask, BlockMask):
-                extended = extend_block_mask(attention_mask, num_prefix)  # (B, H, T, P + S)
-            elif isinstance(attention_mask, torch.Tensor):
-                extended = extend_mask(attention_mask, num_prefix)  # (..., P + S)
-            else:
-                raise TypeError(
-                    f"attention mask of type {type(attention_mask).__name__} is not supported with a prefix; "
-                    f"supported attention implementations: {', '.join(SUPPORTED_IMPLEMENTATIONS)}"
-                )
-            if mask_cache is not None:
-                mask_cache[id(attention_mask)] = (attention_mask, extended)
-            attention_mask = extended
+        attention_mask = extended_mask(attention_mask, num_prefix, mask_cache)
 
     if prefix_key.dim() == 3:  # (kv_heads, P, D): expand over the batch
         prefix_key, prefix_value = prefix_key[None].expand(batch, -1, -1, -1), prefix_value[None].expand(batch, -1, -1, -1)

@@ -28,6 +28,11 @@ SCENARIOS = (
     f"train step {QUICK.batch}×{QUICK.seq_len}",
     f"train step {QUICK.batch}×{QUICK.seq_len} peak memory",
     *(f"generate {QUICK.new_tokens} after {length}" for length in QUICK.prompt_lens),
+    *(
+        f"decode {QUICK.decode_steps} after {length}{variant}"
+        for length in QUICK.decode_contexts
+        for variant in ("", ", positions + mask")
+    ),
     "attach + detach",
     "build + attach + detach",
 )
@@ -143,3 +148,29 @@ def test_operator_counts_cover_every_scenario_and_a_merged_adapter_adds_none() -
             assert count.ours == count.base == count.peft, count
         else:
             assert count.ours > count.base and count.peft > count.base, count
+
+
+def test_a_prefix_decode_step_costs_a_few_operators_per_layer() -> None:
+    """The decode-loop rows' operator counts: a steady single-token step with a prefix dispatches at most
+    4 operators per layer (plus a constant) more than the base model's (issue 19's target)."""
+    from benchmarks import opcount
+
+    counts = opcount.main(["--quick", "--methods", "prefix P=20", "prefix P=20 + projection"])
+    decode = [count for count in counts if count.scenario in (opcount.DECODE, opcount.DECODE_EXPLICIT)]
+    assert len(decode) == 2 * 2 * len(MODELS)
+    for count in decode:
+        layers = 2  # the quick models'
+        assert count.ours - count.base <= 4 * layers + 4, count
+
+
+def test_the_gpu_benchmark_runs_its_code_on_cpu() -> None:
+    """``benchmarks.gpu`` is run on a lent GPU only; its code runs here on CPU (tiny models, one round),
+    one finite positive row per model, method and scenario."""
+    from benchmarks import gpu
+
+    rows = gpu.main(["--device", "cpu", "--quick", "--repeats", "1"])
+    assert len(rows) == 3 * len(gpu.DEFAULT_METHODS) * 5  # forward, train step, generate x2, decode
+    for row in rows:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        ratios = [float(cell.split(" ")[0]) for cell in cells[3:]]
+        assert all(math.isfinite(ratio) and ratio > 0 for ratio in ratios), row

@@ -19,6 +19,7 @@ from torch import nn
 import prefix_hooks.prefix.merged_attention as merged_module
 from prefix_hooks import PrefixTuningConfig, attach_prefix
 from prefix_hooks.prefix.merged_attention import merged_attention
+from prefix_hooks.prefix.prefixed_cache import PrefixedStorage
 from prefix_hooks.prefix.splice import causal_mask_with_prefix, extend_mask
 
 HEAD_DIM = 8
@@ -107,31 +108,44 @@ def test_other_cases_fall_back_to_concatenation(condition: str, kwargs: dict[str
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2", "gemma3_text"])
 def test_models_use_the_merged_path_and_match_concatenation(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Prefill (padded and unpadded) and every decode step take the merged path; the tokens
-    and logits equal those of the concatenating splice."""
+    """Every prefill (padded and unpadded) takes the merged path, and so does every decode step the
+    prefixed cache does not serve (gemma3's sliding-window layers); the tokens and logits equal
+    those of the concatenating splice with both paths off."""
     model: Any = build_model(family, "sdpa")
     batches = [random_batch(2, 9, left_pad=[3]), random_batch(2, 9)]
     handle = attach_prefix(model, PrefixTuningConfig(num_virtual_tokens=4))
     torch.nn.init.normal_(handle.encoder.embedding.weight)
-    calls = {"merged": 0}
+    calls = {"merged": 0, "prefixed": 0}
+    update = PrefixedStorage.update
 
     def counting(*args: Any, **kwargs: Any) -> Any:
         result = merged_module.merged_attention(*args, **kwargs)
         calls["merged"] += result is not None
         return result
 
+    def counting_update(*args: Any, **kwargs: Any) -> Any:
+        result = update(*args, **kwargs)
+        calls["prefixed"] += result is not None
+        return result
+
     def generate(batch: dict[str, torch.Tensor]) -> Any:
         return model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=0,
                               output_logits=True, return_dict_in_generate=True)
 
+    layers = model.config.num_hidden_layers
     for batch in batches:
-        calls["merged"] = 0
+        calls.update(merged=0, prefixed=0)
         with handle:
             monkeypatch.setattr("prefix_hooks.prefix.interposer.merged_attention", counting)
+            monkeypatch.setattr(PrefixedStorage, "update", counting_update)
             merged = generate(batch)
             monkeypatch.setattr("prefix_hooks.prefix.interposer.merged_attention", lambda *a, **k: None)
+            monkeypatch.setattr(PrefixedStorage, "update", lambda *a, **k: None)
             concatenated = generate(batch)
-        assert calls["merged"] == 6 * model.config.num_hidden_layers  # prefill + 5 decode steps, every layer
+        assert calls["merged"] >= layers  # the prefill, every layer
+        assert calls["merged"] + calls["prefixed"] == 6 * layers  # prefill + 5 decode steps, every layer
+        # sliding-window layers (all of the tiny gemma3's) keep the merged path
+        assert (calls["prefixed"] > 0) == ("full_attention" in (getattr(model.config, "layer_types", None) or ["full_attention"]))
         assert torch.equal(merged.sequences, concatenated.sequences)
         for step_merged, step_concatenated in zip(merged.logits, concatenated.logits):
             torch.testing.assert_close(step_merged, step_concatenated, atol=1e-5, rtol=1e-5)

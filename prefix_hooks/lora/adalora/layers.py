@@ -31,7 +31,7 @@ from transformers.pytorch_utils import Conv1D
 
 from prefix_hooks.lora.adalora.config import AdaLoraConfig
 from prefix_hooks.lora.layers import _is_bitsandbytes_module as is_bitsandbytes_module
-from prefix_hooks.lora.lora_layer import ADAPTER_DTYPE, InitLoraWeights, LoraLayer
+from prefix_hooks.lora.lora_layer import ADAPTER_DTYPE, InitLoraWeights, LoraLayer, as_dtype
 
 __all__ = ["RANKNUM_EPS", "SvdConv1D", "SvdLayer", "SvdLinear", "wrap_svd_module"]
 
@@ -142,7 +142,7 @@ class SvdLayer(LoraLayer):
 
     def _adapter_output(self, name: str, x: torch.Tensor) -> torch.Tensor:
         a_weight, e_weight, b_weight = self.factors(name)
-        x = x.to(a_weight.dtype)
+        x = as_dtype(x, a_weight.dtype)
         update = self.lora_dropout[name](x) @ (a_weight * e_weight).T @ b_weight.T  # (..., out)
         return update * self.scaling[name] / (self.ranknum[name] + RANKNUM_EPS)  # PEFT's order: the allocation compares scores exactly
 
