@@ -17,6 +17,7 @@ versions=("$@")
 # Files whose oracles are independent of the version: caches, restoration, PEFT parity.
 matrix_tests=(
     tests/prefix/test_cache_consistency.py tests/prefix/test_inline_cache.py tests/families/test_seq2seq_cache.py
+    tests/prefix/test_prefixed_cache.py tests/prefix/test_merged_attention.py
     tests/core/test_lifecycle.py tests/lora/test_lora_lifecycle.py tests/ia3/test_ia3_lifecycle.py
     tests/prefix/test_peft_parity.py tests/families/test_encoder_peft_parity.py tests/families/test_inline_peft.py
     tests/lora/test_lora_peft_parity.py tests/prompt/test_prompt_peft_parity.py tests/ia3/test_ia3_peft_parity.py
