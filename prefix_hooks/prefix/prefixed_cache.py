@@ -5,23 +5,31 @@ copying the layer's whole cache once per step. Attention over ``[prefix; cached]
 either a second copy (concatenating the prefix in front) or a second attention call over the
 prefix merged by log-sum-exps (:mod:`prefix_hooks.prefix.merged_attention`, about twenty extra
 operators per layer). Instead, for a step that continues a layer already holding tokens,
-:class:`PrefixedStorage` performs the layer's one concatenation itself, onto a tensor that
-begins with the prefix::
+:class:`PrefixedStorage` appends to a buffer that begins with the prefix and hands out views::
 
-    full = cat([prefix, cached, new])      first continuing step      (B, kv_heads, P + S + T, D)
-    full = cat([full, new])                every later step (contiguous inputs: cat's fast path)
-    layer.keys = full[:, :, P:]            a view: the layer holds exactly its real tokens
+    buffer = cat([prefix, cached, new])          first continuing step   (B, kv_heads, P + S + T, D)
+    buffer = cat([buffer, new])                  short cache: the copy DynamicLayer makes anyway
+    buffer[:, :, P + S : P + S + T] = new        long cache (>= INPLACE_FROM): into spare room, no copy
+    attention gets buffer[:, :, : P + S + T]     a view
+    layer.keys = buffer[:, :, P : P + S + T]     a view: the layer holds exactly its real tokens
 
-The attention call gets ``full``; the cache layer keeps a view of its real part, so every
-length, position, mask, ``crop`` and reorder the cache reports or performs is prefix-free,
-and after detach the next ``DynamicLayer.update`` concatenates onto that view as always.
-Compared with the base model a step costs one ``as_strided`` per tensor and ``P`` more keys.
+A long cache's buffer has room for ``max(n / 16, 32)`` more positions when it grows, so the
+whole layer is copied once every ``S / 16`` steps instead of on every step, as
+``DynamicLayer.update`` does: a long decode step costs less than the base model's. Every
+length, position, mask, ``crop`` and reorder the cache reports or performs is prefix-free
+(a crop or reorder replaces the layer's tensors, and the next step starts a new buffer),
+tensors taken from the layer earlier keep their values (only positions past them are
+written), and after detach the next ``DynamicLayer.update`` concatenates onto the view as
+always. Operators per layer over the base: +2 views (short), +6 views and slot copies
+without the 2 concatenations (long).
 
 It takes a step over only where that is exactly what ``Cache.update`` would do: the
 cache's ``update`` is ``Cache.update`` (no subclass override, no offloading), the layer is a
 ``DynamicLayer`` (no sliding window, quantization or static buffer), already initialised and
 non-empty, and the new states match its dtype, device and batch. A prefill, a foreign layer,
-or a prefix that records a gradient goes through the cache's own ``update``.
+or a prefix that records a gradient goes through the cache's own ``update``. Writing in place
+also needs new states that record no gradient and a buffer that is not an inference tensor
+outside inference mode; otherwise the step copies.
 """
 
 from __future__ import annotations
@@ -53,29 +61,62 @@ def steps_over(cache: object) -> bool:
     )
 
 
+INPLACE_FROM = 128
+"""A layer whose prefix and tokens reach this many positions is stored with spare room and appended
+in place; below it each step concatenates (a short cache copies less than the views cost)."""
+SPARE_FRACTION = 16
+MIN_SPARE = 32
+"""Room left behind the tokens when a layer's storage grows: ``max(needed // 16, 32)`` positions,
+so a copy of the whole layer happens once every ``S / 16`` steps and costs at most 1/16 more memory."""
+
+
 class _Record:
-    """What a :class:`PrefixedStorage` last left in one cache layer (updated in place every step)."""
+    """What a :class:`PrefixedStorage` keeps of one cache layer (updated in place every step).
 
-    __slots__ = ("full_key", "full_value", "prefix_key", "prefix_value", "real_key", "real_value")
+    ``key_buffer`` and ``value_buffer`` are ``(B, kv_heads, C, D)`` with the prefix in the first
+    ``P`` positions and the layer's tokens after it, ``used <= C`` positions written; the
+    layer holds ``real_key``/``real_value``, views of positions ``P .. used``.
+    """
 
-    def __init__(self, full: tuple[torch.Tensor, torch.Tensor], real: tuple[torch.Tensor, torch.Tensor],
+    __slots__ = ("key_buffer", "value_buffer", "used", "prefix_key", "prefix_value", "real_key", "real_value")
+
+    def __init__(self, buffers: tuple[torch.Tensor, torch.Tensor], used: int, real: tuple[torch.Tensor, torch.Tensor],
                  prefix: tuple[torch.Tensor, torch.Tensor]) -> None:
-        self.set(full, real, prefix)
+        self.set(buffers, used, real, prefix)
 
-    def set(self, full: tuple[torch.Tensor, torch.Tensor], real: tuple[torch.Tensor, torch.Tensor],
+    def set(self, buffers: tuple[torch.Tensor, torch.Tensor], used: int, real: tuple[torch.Tensor, torch.Tensor],
             prefix: tuple[torch.Tensor, torch.Tensor]) -> None:
         """Remember this step's tensors."""
-        self.full_key, self.full_value = full  # (B, kv_heads, P + S, D) each, contiguous
-        self.real_key, self.real_value = real  # (B, kv_heads, S, D): the views of the full tensors the layer holds
-        self.prefix_key, self.prefix_value = prefix  # the (B, kv_heads, P, D) prefix the full tensors begin with
+        self.key_buffer, self.value_buffer = buffers  # (B, kv_heads, C, D) each, contiguous
+        self.used = used  # P + S: positions written
+        self.real_key, self.real_value = real  # (B, kv_heads, S, D): what the layer holds
+        self.prefix_key, self.prefix_value = prefix  # the (B, kv_heads, P, D) prefix the buffers begin with
 
-    def holds(self, layer: DynamicLayer, prefix_key: torch.Tensor, prefix_value: torch.Tensor) -> bool:
-        """Whether ``layer`` still holds what was left there, and the prefix is the same."""
+    def holds(self, layer: DynamicLayer, key_states: torch.Tensor, value_states: torch.Tensor, prefix_key: torch.Tensor,
+              prefix_value: torch.Tensor) -> bool:
+        """Whether ``layer`` still holds what was left there, the prefix is the same, and the new
+        ``(B, kv_heads, T, D)`` entries continue it (dtype, device, batch and heads)."""
+        buffer = self.key_buffer
         return (
             self.real_key is layer.keys
             and self.real_value is layer.values
             and self.prefix_key is prefix_key
             and self.prefix_value is prefix_value
+            and key_states.dtype == value_states.dtype == buffer.dtype
+            and key_states.device == buffer.device
+            and key_states.shape[:2] == value_states.shape[:2] == buffer.shape[:2]
+        )
+
+    def fits(self, key_states: torch.Tensor, value_states: torch.Tensor) -> bool:
+        """Whether the new ``(B, kv_heads, T, D)`` entries may be written into the spare room in place:
+        room enough, the buffers' dtype and layout, no gradient to record, no inference tensor outside
+        inference mode (where the copy ``DynamicLayer.update`` makes is allowed but writing is not)."""
+        buffer = self.key_buffer
+        return (
+            self.used + key_states.shape[-2] <= buffer.shape[-2]
+            and not buffer.requires_grad
+            and not (torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad))
+            and (torch.is_inference_mode_enabled() or not buffer.is_inference())
         )
 
 
@@ -113,24 +154,34 @@ class PrefixedStorage:
             return None
         layer = layers[layer_idx]
         record = self._records.get(layer)
-        if record is not None and record.holds(layer, prefix_key, prefix_value):
-            # the layer holds what this storage left: append to the full tensors (the copy DynamicLayer makes)
-            full_key = torch.cat([record.full_key, key_states], dim=-2)  # (B, kv_heads, P + S + T, D)
-            full_value = torch.cat([record.full_value, value_states], dim=-2)
+        if record is not None and record.holds(layer, key_states, value_states, prefix_key, prefix_value):
+            used = record.used
+            needed = used + key_states.shape[-2]
+            if record.fits(key_states, value_states):  # steady state of a long cache: O(T) writes, no copy
+                _window(record.key_buffer, used, key_states.shape[-2]).copy_(key_states)
+                _window(record.value_buffer, used, value_states.shape[-2]).copy_(value_states)
+                buffers = record.key_buffer, record.value_buffer
+                full = _window(buffers[0], 0, needed), _window(buffers[1], 0, needed)  # (B, kv_heads, P + S + T, D)
+            else:  # the one copy DynamicLayer.update makes, with room behind it once the cache is long
+                buffers = _grown(record.key_buffer, used, key_states), _grown(record.value_buffer, used, value_states)
+                full = buffers if buffers[0].shape[-2] == needed else (_window(buffers[0], 0, needed),
+                                                                      _window(buffers[1], 0, needed))
         elif _may_step(layer, key_states, value_states, prefix_key, prefix_value):
             # first continuing step, or the layer was cropped, reordered or written by someone else
-            full_key = torch.cat([prefix_key, layer.keys, key_states], dim=-2)  # (B, kv_heads, P + S + T, D)
-            full_value = torch.cat([prefix_value, layer.values, value_states], dim=-2)
+            full = (torch.cat([prefix_key, layer.keys, key_states], dim=-2),  # (B, kv_heads, P + S + T, D)
+                    torch.cat([prefix_value, layer.values, value_states], dim=-2))
+            buffers, needed = full, full[0].shape[-2]
         else:
             return None
         num_prefix = prefix_key.shape[-2]
-        real = _without_prefix(full_key, num_prefix), _without_prefix(full_value, num_prefix)
+        real = (_window(buffers[0], num_prefix, needed - num_prefix),  # (B, kv_heads, S + T, D)
+                _window(buffers[1], num_prefix, needed - num_prefix))
         layer.keys, layer.values = real
         if record is None:
-            self._records[layer] = _Record((full_key, full_value), real, (prefix_key, prefix_value))
+            self._records[layer] = _Record(buffers, needed, real, (prefix_key, prefix_value))
         else:
-            record.set((full_key, full_value), real, (prefix_key, prefix_value))
-        return full_key, full_value
+            record.set(buffers, needed, real, (prefix_key, prefix_value))
+        return full
 
     def clear(self) -> None:
         """Forget every layer (the layers keep their views, which stay valid prefix-free tensors)."""
@@ -159,11 +210,25 @@ def _may_step(
     )
 
 
-def _without_prefix(full: torch.Tensor, num_prefix: int) -> torch.Tensor:
-    """``full[:, :, P:]`` as one ``as_strided`` (a slice dispatches two operators)."""
-    batch, heads, length, dim = full.shape
-    stride = full.stride()
-    return full.as_strided((batch, heads, length - num_prefix, dim), stride, full.storage_offset() + num_prefix * stride[2])
+def _grown(buffer: torch.Tensor, used: int, new: torch.Tensor) -> torch.Tensor:
+    """``buffer``'s first ``used`` positions followed by ``new`` ``(B, kv_heads, T, D)``: a fresh
+    ``(B, kv_heads, C, D)`` tensor, with spare room behind from :data:`INPLACE_FROM` positions on."""
+    needed = used + new.shape[-2]
+    written = buffer if buffer.shape[-2] == used else _window(buffer, 0, used)  # (B, kv_heads, used, D)
+    if needed < INPLACE_FROM:
+        return torch.cat([written, new], dim=-2)  # (B, kv_heads, needed, D)
+    batch, heads, _, dim = new.shape
+    grown = new.new_empty((batch, heads, needed + max(needed // SPARE_FRACTION, MIN_SPARE), dim))
+    _window(grown, 0, used).copy_(written)
+    _window(grown, used, new.shape[-2]).copy_(new)
+    return grown
+
+
+def _window(buffer: torch.Tensor, start: int, length: int) -> torch.Tensor:
+    """``buffer[:, :, start : start + length]`` as one ``as_strided`` (a slice dispatches two operators)."""
+    batch, heads, _, dim = buffer.shape
+    stride = buffer.stride()
+    return buffer.as_strided((batch, heads, length, dim), stride, buffer.storage_offset() + start * stride[2])
 
 
 class PrefixedCache(wrapt.ObjectProxy):

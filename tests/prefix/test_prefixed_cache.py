@@ -27,10 +27,24 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
 from prefix_hooks import PrefixAttachment, PrefixTuningConfig, attach_prefix
+from prefix_hooks.prefix import prefixed_cache
 from prefix_hooks.prefix.prefixed_cache import PrefixedStorage
 
 ATOL = 1e-5
 PROMPT, STEPS = 7, 5
+
+
+@pytest.fixture(params=["concatenated", "in place"])
+def layout(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways a layer's storage grows: a concatenation per step (short caches), or writes into spare
+    room that runs out every two steps here (long caches; the tiny models' caches are made to count as long)."""
+    if request.param == "in place":
+        monkeypatch.setattr(prefixed_cache, "INPLACE_FROM", 0)
+        monkeypatch.setattr(prefixed_cache, "MIN_SPARE", 2)
+        monkeypatch.setattr(prefixed_cache, "SPARE_FRACTION", 10**6)
+    else:
+        monkeypatch.setattr(prefixed_cache, "INPLACE_FROM", 10**9)
+    return str(request.param)
 
 
 def _attached(family: str = "llama", num_virtual_tokens: int = 4, **overrides: Any) -> tuple[Any, PrefixAttachment]:
@@ -98,7 +112,7 @@ def _uncached(model: PreTrainedModel, batch: dict[str, torch.Tensor], explicit: 
 )
 @pytest.mark.parametrize("explicit", [False, True], ids=["bare", "mask+positions"])
 @torch.no_grad()
-def test_decode_steps_match_one_uncached_forward(family: str, explicit: bool) -> None:
+def test_decode_steps_match_one_uncached_forward(family: str, explicit: bool, layout: str) -> None:
     model, handle = _attached(family)
     batch = random_batch(2, PROMPT + STEPS, left_pad=[2] if explicit else None)
     layers = len(handle.layer_prefixes())
@@ -113,7 +127,7 @@ def test_decode_steps_match_one_uncached_forward(family: str, explicit: bool) ->
 
 
 @torch.no_grad()
-def test_the_cache_holds_the_real_tokens_only() -> None:
+def test_the_cache_holds_the_real_tokens_only(layout: str) -> None:
     """Lengths, shapes and contents are those of the decode with the path off; only the storage differs."""
     model, handle = _attached()
     batch = random_batch(2, PROMPT + STEPS)
@@ -134,7 +148,7 @@ def test_the_cache_holds_the_real_tokens_only() -> None:
 
 
 @torch.no_grad()
-def test_crop_and_reorder_then_continue() -> None:
+def test_crop_and_reorder_then_continue(layout: str) -> None:
     """A cropped or reordered layer is no longer the storage's: the next step rebuilds it, correctly."""
     model, handle = _attached()
     batch = random_batch(2, PROMPT + STEPS)
@@ -150,7 +164,7 @@ def test_crop_and_reorder_then_continue() -> None:
 
 
 @torch.no_grad()
-def test_after_detach_the_base_model_continues_the_same_cache() -> None:
+def test_after_detach_the_base_model_continues_the_same_cache(layout: str) -> None:
     """The layers hold plain prefix-free tensors after detach: the base model's next step on them equals
     its step on a contiguous copy of the same entries."""
     model, handle = _attached()
@@ -195,7 +209,7 @@ def test_a_prefix_that_records_a_gradient_keeps_the_old_path() -> None:
 
 
 @torch.no_grad()
-def test_bfloat16_decode_matches_the_path_off() -> None:
+def test_bfloat16_decode_matches_the_path_off(layout: str) -> None:
     model, handle = _attached()
     model.to(torch.bfloat16)
     batch = random_batch(2, PROMPT + STEPS)
@@ -209,7 +223,7 @@ def test_bfloat16_decode_matches_the_path_off() -> None:
 
 
 @torch.no_grad()
-def test_beam_search_and_sampling_generate_as_with_the_path_off() -> None:
+def test_beam_search_and_sampling_generate_as_with_the_path_off(layout: str) -> None:
     model, handle = _attached()
     batch = random_batch(2, PROMPT, left_pad=[2])
     runs = []
@@ -225,7 +239,7 @@ def test_beam_search_and_sampling_generate_as_with_the_path_off() -> None:
 
 
 @torch.no_grad()
-def test_threads_decoding_their_own_caches() -> None:
+def test_threads_decoding_their_own_caches(layout: str) -> None:
     model, handle = _attached()
     batches = [random_batch(1, PROMPT + STEPS, seed=seed) for seed in range(4)]
     with handle:
@@ -246,19 +260,15 @@ def test_threads_decoding_their_own_caches() -> None:
         torch.testing.assert_close(one, other, atol=ATOL, rtol=ATOL)
 
 
-def _aten_ops(model: PreTrainedModel, cache: DynamicCache, token: torch.Tensor, **kwargs: Any) -> int:
+def _aten_ops(model: PreTrainedModel, cache: DynamicCache, token: torch.Tensor, **kwargs: Any) -> collections.Counter[str]:
     with profile(activities=[ProfilerActivity.CPU]) as profiler:
         model(input_ids=token, use_cache=True, **cache_kwargs(model, cache), **kwargs)
-    return sum(collections.Counter(e.name for e in profiler.events() if e.name.startswith("aten::")).values())
+    return collections.Counter(e.name for e in profiler.events() if e.name.startswith("aten::"))
 
 
-@pytest.mark.parametrize("explicit", [False, True], ids=["bare", "mask+positions"])
-@torch.no_grad()
-def test_a_decode_step_adds_a_few_operators_per_layer(explicit: bool) -> None:
-    """Structural, not timed: a steady decode step dispatches at most 4 aten operators per layer more than
-    the base model's, plus a constant per step (the merged attention added about 20 per layer)."""
+def _step_ops(explicit: bool) -> tuple[collections.Counter[str], collections.Counter[str], int]:
+    """Operators of one steady decode step (the third after the prefill), base and ours, and the layers."""
     model, handle = _attached(num_hidden_layers=4)
-    layers = model.config.num_hidden_layers
     batch = random_batch(1, PROMPT + 3)
     counts = []
     for attached in (False, True):
@@ -273,5 +283,81 @@ def test_a_decode_step_adds_a_few_operators_per_layer(explicit: bool) -> None:
         finally:
             if attached:
                 handle.detach()
-    base, ours = counts
-    assert ours - base <= 4 * layers + 4, f"base {base}, ours {ours}"
+    return counts[0], counts[1], model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("explicit", [False, True], ids=["bare", "mask+positions"])
+@torch.no_grad()
+def test_a_decode_step_adds_a_few_operators_per_layer(explicit: bool, layout: str) -> None:
+    """Structural, not timed: a steady decode step dispatches a few aten operators per layer more than the
+    base model's, plus a constant per step (the merged attention added about 20 per layer). A short cache
+    concatenates as the base does (+1 view per tensor); a long one replaces the concatenation, a copy of
+    the whole layer, by a write of the new entry and views (+3 per tensor), and concatenates nothing."""
+    base, ours, layers = _step_ops(explicit)
+    added = sum(ours.values()) - sum(base.values())
+    if layout == "concatenated":
+        assert added <= 4 * layers + 4, f"base {sum(base.values())}, ours {sum(ours.values())}"
+    else:
+        assert added <= 6 * layers + 4, f"base {sum(base.values())}, ours {sum(ours.values())}"
+        assert ours["aten::cat"] == base["aten::cat"] - 2 * layers, (base["aten::cat"], ours["aten::cat"])
+
+
+
+@torch.no_grad()
+def test_a_long_cache_is_appended_in_place_and_earlier_views_keep_their_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past ``INPLACE_FROM`` positions a step writes its entries into spare room behind the tokens: the
+    layer's storage stays where it is (no copy of the cache), tensors the user took from the layer
+    earlier keep their values, and the decode equals the uncached forward."""
+    monkeypatch.setattr(prefixed_cache, "INPLACE_FROM", 0)
+    model, handle = _attached()
+    batch = random_batch(2, PROMPT + STEPS)
+    with handle:
+        cache = DynamicCache()
+        _decode(model, {key: value[:, : PROMPT + 2] for key, value in batch.items()}, False, cache)  # the storage grows once
+        layer = cast(DynamicLayer, cache.layers[0])
+        assert layer.keys is not None and layer.values is not None
+        pointer, held = layer.keys.untyped_storage().data_ptr(), (layer.keys, layer.values)
+        snapshot = (held[0].clone(), held[1].clone())
+        decoded = _decode(model, batch, False, cache, start=PROMPT + 2)
+        expected = _uncached(model, batch, False)[:, PROMPT + 2 :]
+    assert layer.keys is not None and layer.keys.untyped_storage().data_ptr() == pointer
+    assert layer.keys.shape[-2] == PROMPT + STEPS
+    assert torch.equal(held[0], snapshot[0]) and torch.equal(held[1], snapshot[1])
+    torch.testing.assert_close(decoded, expected, atol=ATOL, rtol=ATOL)
+
+
+def test_a_cache_filled_in_inference_mode_continues_outside_it(layout: str) -> None:
+    """Tensors made under ``torch.inference_mode`` cannot be written outside it; the step copies instead."""
+    model, handle = _attached()
+    batch = random_batch(1, PROMPT + STEPS)
+    with handle:
+        cache = DynamicCache()
+        with torch.inference_mode():
+            _decode(model, {key: value[:, : PROMPT + 2] for key, value in batch.items()}, False, cache)
+        with torch.no_grad(), _counting_steps() as counts:
+            decoded = _decode(model, batch, False, cache, start=PROMPT + 2)
+            expected = _uncached(model, batch, False)[:, PROMPT + 2 :]
+    assert counts["served"] > 0
+    torch.testing.assert_close(decoded, expected, atol=ATOL, rtol=ATOL)
+
+
+def test_keys_that_record_a_gradient_backpropagate_as_with_the_path_off(layout: str) -> None:
+    """A frozen prefix, inputs that record a gradient: the steps may not write into storage an earlier
+    step's graph saved; the gradient through three cached steps equals the one with the path off."""
+    model, handle = _attached()
+    handle.encoder.requires_grad_(False)
+    batch = random_batch(1, PROMPT + 3)
+    grads = []
+    for storage in (True, False):
+        embeds = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_()  # (1, T, hidden)
+        with handle, (_counting_steps() if storage else _storage_off()) as counts:
+            cache = DynamicCache()
+            outputs = [model(inputs_embeds=embeds[:, :PROMPT], use_cache=True, **cache_kwargs(model, cache)).logits]
+            for position in range(PROMPT, PROMPT + 3):
+                step = model(inputs_embeds=embeds[:, position : position + 1], use_cache=True, **cache_kwargs(model, cache))
+                outputs.append(step.logits)
+            torch.cat(outputs, dim=1).square().sum().backward()
+        assert (counts["served"] > 0) == storage
+        assert embeds.grad is not None
+        grads.append(embeds.grad)
+    torch.testing.assert_close(grads[0], grads[1], atol=ATOL, rtol=ATOL)
