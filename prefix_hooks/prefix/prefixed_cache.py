@@ -7,7 +7,7 @@ prefix merged by log-sum-exps (:mod:`prefix_hooks.prefix.merged_attention`, abou
 operators per layer). Instead, for a step that continues a layer already holding tokens,
 :class:`PrefixedStorage` appends to a buffer that begins with the prefix and hands out views::
 
-    buffer = cat([prefix, cached, new])          first continuing step   (B, kv_heads, P + S + T, D)
+    buffer = [prefix; cached; new]               first continuing step   (B, kv_heads, C >= P + S + T, D)
     buffer = cat([buffer, new])                  short cache: the copy DynamicLayer makes anyway
     buffer[:, :, P + S : P + S + T] = new        long cache (>= INPLACE_FROM): into spare room, no copy
     attention gets buffer[:, :, : P + S + T]     a view
@@ -108,8 +108,8 @@ class _Record:
         )
 
     def fits(self, key_states: torch.Tensor, value_states: torch.Tensor) -> bool:
-        """Whether the new ``(B, kv_heads, T, D)`` entries may be written into the spare room in place:
-        room enough, the buffers' dtype and layout, no gradient to record, no inference tensor outside
+        """Whether the new ``(B, kv_heads, T, D)`` entries (which :meth:`holds` continue) may be written
+        into the spare room in place: room enough, no gradient to record, no inference tensor outside
         inference mode (where the copy ``DynamicLayer.update`` makes is allowed but writing is not)."""
         buffer = self.key_buffer
         return (
@@ -156,23 +156,22 @@ class PrefixedStorage:
         record = self._records.get(layer)
         if record is not None and record.holds(layer, key_states, value_states, prefix_key, prefix_value):
             used = record.used
-            needed = used + key_states.shape[-2]
             if record.fits(key_states, value_states):  # steady state of a long cache: O(T) writes, no copy
                 _window(record.key_buffer, used, key_states.shape[-2]).copy_(key_states)
                 _window(record.value_buffer, used, value_states.shape[-2]).copy_(value_states)
                 buffers = record.key_buffer, record.value_buffer
-                full = _window(buffers[0], 0, needed), _window(buffers[1], 0, needed)  # (B, kv_heads, P + S + T, D)
             else:  # the one copy DynamicLayer.update makes, with room behind it once the cache is long
-                buffers = _grown(record.key_buffer, used, key_states), _grown(record.value_buffer, used, value_states)
-                full = buffers if buffers[0].shape[-2] == needed else (_window(buffers[0], 0, needed),
-                                                                      _window(buffers[1], 0, needed))
+                buffers = (_joined([_leading(record.key_buffer, used), key_states]),
+                           _joined([_leading(record.value_buffer, used), value_states]))
+            needed = used + key_states.shape[-2]
         elif _may_step(layer, key_states, value_states, prefix_key, prefix_value):
             # first continuing step, or the layer was cropped, reordered or written by someone else
-            full = (torch.cat([prefix_key, layer.keys, key_states], dim=-2),  # (B, kv_heads, P + S + T, D)
-                    torch.cat([prefix_value, layer.values, value_states], dim=-2))
-            buffers, needed = full, full[0].shape[-2]
+            buffers = (_joined([prefix_key, layer.keys, key_states]),  # (B, kv_heads, C >= P + S + T, D)
+                       _joined([prefix_value, layer.values, value_states]))
+            needed = prefix_key.shape[-2] + layer.keys.shape[-2] + key_states.shape[-2]
         else:
             return None
+        full = _leading(buffers[0], needed), _leading(buffers[1], needed)  # (B, kv_heads, P + S + T, D)
         num_prefix = prefix_key.shape[-2]
         real = (_window(buffers[0], num_prefix, needed - num_prefix),  # (B, kv_heads, S + T, D)
                 _window(buffers[1], num_prefix, needed - num_prefix))
@@ -210,18 +209,25 @@ def _may_step(
     )
 
 
-def _grown(buffer: torch.Tensor, used: int, new: torch.Tensor) -> torch.Tensor:
-    """``buffer``'s first ``used`` positions followed by ``new`` ``(B, kv_heads, T, D)``: a fresh
-    ``(B, kv_heads, C, D)`` tensor, with spare room behind from :data:`INPLACE_FROM` positions on."""
-    needed = used + new.shape[-2]
-    written = buffer if buffer.shape[-2] == used else _window(buffer, 0, used)  # (B, kv_heads, used, D)
+def _joined(pieces: list[torch.Tensor]) -> torch.Tensor:
+    """``pieces`` ``(B, kv_heads, n_i, D)`` one after the other in a fresh ``(B, kv_heads, C, D)``
+    tensor: exactly their length below :data:`INPLACE_FROM` positions (one ``cat``), with spare
+    room behind from there on."""
+    needed = sum(piece.shape[-2] for piece in pieces)
     if needed < INPLACE_FROM:
-        return torch.cat([written, new], dim=-2)  # (B, kv_heads, needed, D)
-    batch, heads, _, dim = new.shape
-    grown = new.new_empty((batch, heads, needed + max(needed // SPARE_FRACTION, MIN_SPARE), dim))
-    _window(grown, 0, used).copy_(written)
-    _window(grown, used, new.shape[-2]).copy_(new)
-    return grown
+        return torch.cat(pieces, dim=-2)  # (B, kv_heads, needed, D)
+    batch, heads, _, dim = pieces[-1].shape
+    joined = pieces[-1].new_empty((batch, heads, needed + max(needed // SPARE_FRACTION, MIN_SPARE), dim))
+    start = 0
+    for piece in pieces:
+        _window(joined, start, piece.shape[-2]).copy_(piece)  # an expanded prefix broadcasts over the batch
+        start += piece.shape[-2]
+    return joined
+
+
+def _leading(buffer: torch.Tensor, length: int) -> torch.Tensor:
+    """``buffer``'s first ``length`` positions: ``buffer`` itself when that is all of it, else a view."""
+    return buffer if buffer.shape[-2] == length else _window(buffer, 0, length)
 
 
 def _window(buffer: torch.Tensor, start: int, length: int) -> torch.Tensor:
